@@ -1,0 +1,1 @@
+"""Hyper-parameter cards, installed as package data: cards/<method>/<model_type>.yaml."""

@@ -1,0 +1,236 @@
+"""Adapter base classes: what an edit *is* once computed, one class per attachment kind.
+
+An adapter knows its tensors and how to attach them; it does not know how it was computed.
+Plugins return one of these from :meth:`EditMethod.compute` (often the core class itself, as
+ROME returns a plain :class:`WeightDeltaAdapter`).
+
+Example:
+    >>> adapter = model.add_edit("rome", request, name="eiffel")   # doctest: +SKIP
+    >>> adapter.merge(); adapter.unmerge()                         # doctest: +SKIP
+    >>> adapter.save_pretrained("edits/eiffel")                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+import torch
+
+from .arch import linear_dims
+from .attach import LowRankDelta
+from .errors import AdapterFormatError, EditError
+from .request import EditRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .editable import EditState
+
+KINDS = ("weight_delta", "module_hook", "router")
+
+
+class EditAdapter:
+    """Base of every adapter. Subclasses set ``kind`` and implement the tensor (de)serialisation
+    (:meth:`state_dict` / :meth:`from_saved`) and :meth:`attach` / :meth:`detach`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, *, method: str, hparams: Mapping[str, Any], requests: list[EditRequest],
+                 targets: list[str]):
+        self.method = method
+        self.hparams = dict(hparams)
+        self.requests = list(requests)
+        self.targets = list(targets)
+        self.name: str | None = None
+        self.active = True
+        self.merged = False
+        self.base_model: dict[str, Any] = {}
+        self.plugin: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+        self._state: "EditState | None" = None
+
+    # -- serialisation (implemented by kinds / plugins) ---------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def extra_config(self) -> dict[str, Any]:
+        """JSON-serialisable state that is not a tensor (saved in ``edit_config.json``)."""
+        return {}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "EditAdapter":
+        raise NotImplementedError
+
+    # -- attachment ---------------------------------------------------------------------------
+    def attach(self, state: "EditState") -> None:
+        raise NotImplementedError
+
+    def detach(self, state: "EditState") -> None:
+        for target in self.targets:
+            slot = state.slots.get(target)
+            if slot is not None:
+                slot.remove(self)
+                state.drop_slot_if_empty(target)
+
+    @property
+    def attached(self) -> bool:
+        return self._state is not None
+
+    # -- merging (weight deltas only) ---------------------------------------------------------
+    def merge(self) -> None:
+        raise EditError(f"a {self.kind} adapter ({self.method}) cannot be merged into the weights; "
+                        "only weight-delta adapters can")
+
+    def unmerge(self) -> None:
+        if self.merged:
+            raise EditError("this adapter cannot be unmerged")
+
+    # -- sharing ------------------------------------------------------------------------------
+    def save_pretrained(self, path: str, *, readme: bool = True) -> str:
+        """Write the adapter folder (``edit_config.json``, ``edit_model.safetensors``, README)."""
+        from .io import save_adapter
+        return save_adapter(self, path, readme=readme)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None,
+                    commit_message: str | None = None, token: str | None = None) -> str:
+        """Upload the adapter folder to a Hub model repo; returns the commit URL."""
+        from .hub import push_adapter
+        return push_adapter(self, repo_id, private=private, commit_message=commit_message, token=token)
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def __repr__(self) -> str:
+        facts = ", ".join(f"{r.subject or r.prompt!r}->{r.target_new!r}" for r in self.requests[:3])
+        more = f", +{len(self.requests) - 3}" if len(self.requests) > 3 else ""
+        flags = "" if self.active else " inactive"
+        flags += " merged" if self.merged else ""
+        return f"<{type(self).__name__} {self.name!r} method={self.method} [{facts}{more}]{flags}>"
+
+
+class WeightDeltaAdapter(EditAdapter):
+    """Low-rank weight changes of Linear/Conv1D modules, applied by a forward hook."""
+
+    kind = "weight_delta"
+
+    def __init__(self, deltas: Mapping[str, LowRankDelta], **common: Any):
+        common.pop("targets", None)
+        super().__init__(targets=list(deltas), **common)
+        self.deltas: dict[str, LowRankDelta] = dict(deltas)
+        self._live: dict[str, LowRankDelta] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for target, d in self.deltas.items():
+            out[f"{target}.up"] = d.up.detach().contiguous()
+            out[f"{target}.down"] = d.down.detach().contiguous()
+        return out
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "WeightDeltaAdapter":
+        targets = common.pop("targets")
+        deltas = {}
+        for t in targets:
+            try:
+                deltas[t] = LowRankDelta(tensors[f"{t}.up"], tensors[f"{t}.down"])
+            except KeyError as e:
+                raise AdapterFormatError(f"tensor {e.args[0]!r} is missing from the adapter file") from None
+            except ValueError as e:
+                raise AdapterFormatError(f"bad factors for {t!r}: {e}") from None
+        return cls(deltas, **common)
+
+    def attach(self, state: "EditState") -> None:
+        for target, delta in self.deltas.items():
+            module = state.module(target)
+            d_in, d_out = linear_dims(module)
+            if delta.up.shape[0] != d_out or delta.down.shape[0] != d_in:
+                raise AdapterFormatError(
+                    f"the delta for {target!r} is {delta.up.shape[0]}x{delta.down.shape[0]} but the "
+                    f"module is {d_out}x{d_in}: this adapter was made for another model")
+        for target, delta in self.deltas.items():
+            module = state.module(target)
+            live = delta.to(module.weight)
+            self._live[target] = live
+            state.slot(target).add(self, _add_delta(live))
+        self._state = state
+
+    def detach(self, state: "EditState") -> None:
+        if self.merged:
+            self.unmerge()
+        super().detach(state)
+        self._live.clear()
+        self._state = None
+
+    def merge(self) -> None:
+        """Bake the deltas into the module weights (the hook is then skipped)."""
+        state = self._require_state()
+        if self.merged:
+            return
+        for target, delta in self.deltas.items():
+            state.slot(target).merge(self, delta)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restore the weights as they were before :meth:`merge` (bitwise)."""
+        state = self._require_state()
+        if not self.merged:
+            return
+        for target in self.deltas:
+            state.slot(target).unmerge(self)
+        self.merged = False
+
+    def _require_state(self) -> "EditState":
+        if self._state is None:
+            raise EditError("attach the adapter to a model first (model.load_edit / add_edit)")
+        return self._state
+
+
+def _add_delta(delta: LowRankDelta) -> Callable:
+    def contribution(args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + delta(args[0])
+    return contribution
+
+
+class ModuleHookAdapter(EditAdapter):
+    """Transforms the output of modules (codebooks, patch neurons). Subclasses implement
+    :meth:`transform`; attachment, ordering and toggling come from the core."""
+
+    kind = "module_hook"
+
+    def transform(self, target: str, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, state: "EditState") -> None:
+        """Validate shapes and move tensors to the model's device before attaching."""
+
+    def attach(self, state: "EditState") -> None:
+        self.prepare(state)
+        for target in self.targets:
+            state.module(target)
+        for target in self.targets:
+            state.slot(target).add(self, _transform(self, target))
+        self._state = state
+
+    def detach(self, state: "EditState") -> None:
+        super().detach(state)
+        self._state = None
+
+
+def _transform(adapter: ModuleHookAdapter, target: str) -> Callable:
+    def contribution(args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return adapter.transform(target, args[0], output)
+    return contribution
+
+
+class RouterAdapter(EditAdapter):
+    """Wraps the whole model's ``forward`` (and therefore ``generate``): counterfactual models,
+    in-context editing. ``route`` gets the forward's keyword arguments and ``call_next``, which
+    runs the next router or the model itself."""
+
+    kind = "router"
+
+    def route(self, model, inputs: dict[str, Any], call_next: Callable[[dict[str, Any]], Any]) -> Any:
+        raise NotImplementedError
+
+    def attach(self, state: "EditState") -> None:
+        self._state = state
+
+    def detach(self, state: "EditState") -> None:
+        self._state = None

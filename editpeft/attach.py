@@ -1,0 +1,152 @@
+"""The attachment points: one forward hook per edited module, plus the model-level router.
+
+Every edited module gets one :class:`ModuleSlot`. Its single forward hook applies the
+contributions of the attached adapters in insertion order: weight deltas add ``(x @ V) @ U^T``
+to the output, module hooks (codebooks, patch neurons) transform the output. A contribution
+whose adapter is inactive, merged, or switched off by ``disabled_edits()`` is skipped, so the
+module then runs exactly its original code path (bitwise-identical outputs).
+
+Merging bakes weight deltas into ``module.weight``; the slot keeps a pristine copy so that
+unmerging restores the original weights bit for bit, whatever the order of merges.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .arch import dense_delta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import EditAdapter
+    from .editable import EditState
+
+Contribution = Callable[[tuple, Any], Any]
+
+
+@dataclass
+class LowRankDelta:
+    """A weight change ``up @ down.T`` (shape out × in), applied as ``y += (x @ down) @ up.T``."""
+
+    up: torch.Tensor    # (out_features, rank)
+    down: torch.Tensor  # (in_features, rank)
+
+    def __post_init__(self) -> None:
+        if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[1]:
+            raise ValueError(f"low-rank factors must be (out, r) and (in, r); got "
+                             f"{tuple(self.up.shape)} and {tuple(self.down.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    def to(self, like: torch.Tensor) -> "LowRankDelta":
+        return LowRankDelta(self.up.to(like.device, like.dtype), self.down.to(like.device, like.dtype))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.down) @ self.up.T
+
+
+class ModuleSlot:
+    """The single hook of one module and the ordered contributions attached to it."""
+
+    def __init__(self, state: "EditState", name: str, module: nn.Module):
+        self.state, self.name, self.module = state, name, module
+        self.entries: list[tuple["EditAdapter", Contribution]] = []
+        self.pristine: torch.Tensor | None = None
+        self.merged: list[tuple["EditAdapter", torch.Tensor]] = []
+        self._handle = None
+
+    def add(self, adapter: "EditAdapter", fn: Contribution) -> None:
+        self.entries.append((adapter, fn))
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+
+    def remove(self, adapter: "EditAdapter") -> None:
+        self.entries = [(a, f) for a, f in self.entries if a is not adapter]
+        if not self.entries and self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries and self.pristine is None
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        for adapter, fn in self.entries:
+            if self.state.is_live(adapter) and not adapter.merged:
+                output = fn(args, output)
+        return output
+
+    # -- merging -----------------------------------------------------------------------------
+    def merge(self, adapter: "EditAdapter", delta: LowRankDelta) -> None:
+        weight = self.module.weight
+        dense = dense_delta(self.module, delta.up.to(weight), delta.down.to(weight))
+        if self.pristine is None:
+            self.pristine = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(dense)
+        self.merged.append((adapter, dense))
+
+    def unmerge(self, adapter: "EditAdapter") -> None:
+        self.merged = [(a, d) for a, d in self.merged if a is not adapter]
+        with torch.no_grad():
+            self.module.weight.copy_(self.pristine)
+            for _, dense in self.merged:
+                self.module.weight.add_(dense)
+        if not self.merged:
+            self.pristine = None
+
+    @contextmanager
+    def pristine_weights(self) -> Iterator[None]:
+        """Temporarily put the original weights back (used by ``disabled_edits``)."""
+        if self.pristine is None:
+            yield
+            return
+        stash = self.module.weight.detach().clone()
+        with torch.no_grad():
+            self.module.weight.copy_(self.pristine)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.module.weight.copy_(stash)
+
+
+@contextmanager
+def capture_inputs(module: nn.Module, store: list) -> Iterator[list]:
+    """Collect ``module``'s first positional input of every forward call into ``store``."""
+    handle = module.register_forward_hook(lambda m, args, out: store.append(args[0]))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def output_edit(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Temporarily replace ``module``'s output by ``fn(input, output)`` (for optimisation loops)."""
+    handle = module.register_forward_hook(lambda m, args, out: fn(args[0], out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the needed activations are captured."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Abort the forward pass right after ``module`` runs (callers catch :class:`StopForward`)."""
+    def hook(m, args, out):
+        raise StopForward
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,197 @@
+"""The ``editpeft`` command; each subcommand mirrors one call of the Python API.
+
+    editpeft methods [--verbose]
+    editpeft edit --method rome --prompt "The Eiffel Tower is located in the city of" \
+                  --subject "Eiffel Tower" --target-new Rome --out edits/eiffel
+    editpeft generate "The Eiffel Tower is located in the city of" --edit edits/eiffel
+    editpeft demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import EditError
+
+
+def _load_model(path: str | None):
+    import editpeft
+    if path is None:
+        model, tok = editpeft.load_default_model()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        model.eval()
+    return editpeft.enable_editing(model, tok), tok
+
+
+def _parse_config(text: str | None):
+    if text is None:
+        return None
+    if Path(text).is_file():
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise EditError(f"--config must be a JSON object or the path of a card, got {text!r}") from None
+
+
+def cmd_methods(args) -> int:
+    from .registry import discover
+    infos = discover()
+    width = max([len(n) for n in infos] + [6])
+    for name, info in sorted(infos.items()):
+        status = "ok" if info.loaded else f"FAILED: {info.error}"
+        line = f"{name:<{width}}  {info.kind or '-':<12}  {info.distribution} {info.version}"
+        if args.verbose:
+            line += f"  [{info.target}]  {status}"
+        elif not info.loaded:
+            line += "  (failed to load; see --verbose)"
+        print(line)
+    return 0
+
+
+def _requests_from_args(args):
+    from .request import EditRequest
+    if args.requests:
+        data = json.loads(Path(args.requests).read_text())
+        data = data if isinstance(data, list) else [data]
+        return [EditRequest.from_dict(d) for d in data]
+    if not (args.prompt and args.target_new):
+        raise EditError("give --prompt and --target-new (and --subject), or --requests FILE.json")
+    return [EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target_new,
+                        target_true=args.target_true)]
+
+
+def cmd_edit(args) -> int:
+    requests = _requests_from_args(args)
+    model, tok = _load_model(args.model)
+    t = time.perf_counter()
+    adapter = model.add_edit(args.method, requests, name=args.name or Path(args.out).name,
+                             config=_parse_config(args.config))
+    print(f"computed {args.method} edit of {len(requests)} fact(s) in {time.perf_counter() - t:.1f}s")
+    adapter.save_pretrained(args.out)
+    size = sum(p.stat().st_size for p in Path(args.out).iterdir() if p.name != "README.md")
+    print(f"saved {args.out} ({size / 1024:.1f} KB without README)")
+    return 0
+
+
+def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
+    import torch
+    enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def cmd_generate(args) -> int:
+    model, tok = _load_model(args.model)
+    for path in args.edit or []:
+        model.load_edit(path, allow_mismatch=args.allow_mismatch)
+    print(args.prompt + _generate(model, tok, args.prompt, args.max_new_tokens))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import tempfile
+
+    import editpeft
+    from .request import EditRequest
+    start = time.perf_counter()
+    print("editpeft demo on the embedded SmolLM2-135M-Instruct (CPU)\n")
+    model, tok = _load_model(None)
+    print(f"loaded model in {time.perf_counter() - start:.1f}s")
+    rome_req = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower",
+                           target_new="Rome", target_true="Paris")
+    grace_req = EditRequest(prompt="The chemical symbol for gold is", target_new="Ag", target_true="Au")
+    probes = [rome_req.prompt, "The Eiffel Tower is in the city of", grace_req.prompt,
+              "The capital of France is", "The Colosseum is located in the city of"]
+    columns: dict[str, list[str]] = {"before": [_generate(model, tok, p, 4) for p in probes]}
+    t = time.perf_counter()
+    rome = model.add_edit("rome", rome_req, name="eiffel-in-rome")
+    print(f"ROME edit (statistics cached after the first run) in {time.perf_counter() - t:.1f}s")
+    t = time.perf_counter()
+    grace = model.add_edit("grace", grace_req, name="gold-is-ag")
+    print(f"GRACE edit in {time.perf_counter() - t:.1f}s")
+    columns["rome+grace"] = [_generate(model, tok, p, 4) for p in probes]
+    with tempfile.TemporaryDirectory() as tmp:
+        for adapter in (rome, grace):
+            adapter.save_pretrained(f"{tmp}/{adapter.name}")
+        sizes = {a.name: (Path(tmp) / a.name / "edit_model.safetensors").stat().st_size for a in (rome, grace)}
+        model.remove_edit("eiffel-in-rome")
+        model.remove_edit("gold-is-ag")
+        columns["removed"] = [_generate(model, tok, p, 4) for p in probes]
+        model.load_edit(f"{tmp}/eiffel-in-rome")
+        model.load_edit(f"{tmp}/gold-is-ag")
+        columns["reloaded"] = [_generate(model, tok, p, 4) for p in probes]
+    with model.disabled_edits():
+        columns["disabled"] = [_generate(model, tok, p, 4) for p in probes]
+    print()
+    print("| prompt | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for i, p in enumerate(probes):
+        cells = [columns[c][i].strip().replace("\n", " ").replace("|", "/") for c in columns]
+        print(f"| {p} | " + " | ".join(cells) + " |")
+    print()
+    for name, size in sizes.items():
+        print(f"adapter {name}: {size / 1024:.1f} KB of tensors")
+    print(f"\ndemo finished in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="editpeft", description="Knowledge edits as adapters.")
+    ap.add_argument("--version", action="version", version=f"editpeft {__version__}")
+    ap.add_argument("-v", "--log-level", default="WARNING", help="logging level (INFO shows progress details)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list installed editing methods")
+    p.add_argument("--verbose", action="store_true", help="show entry points and load errors")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("edit", help="compute an edit and save it as an adapter folder")
+    p.add_argument("--method", required=True)
+    p.add_argument("--prompt")
+    p.add_argument("--subject")
+    p.add_argument("--target-new")
+    p.add_argument("--target-true")
+    p.add_argument("--requests", help="JSON file with one request object or a list of them")
+    p.add_argument("--config", help="JSON object of hyper-parameters or a card path")
+    p.add_argument("--name")
+    p.add_argument("--model", help="a local transformers model folder (default: the embedded model)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("generate", help="generate from a prompt with adapters loaded")
+    p.add_argument("prompt")
+    p.add_argument("--edit", action="append", help="adapter folder or Hub repo (repeatable, in order)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--model")
+    p.add_argument("--allow-mismatch", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="edit facts of the embedded model with ROME and GRACE")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

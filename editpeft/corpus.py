@@ -1,0 +1,61 @@
+"""Offline text corpora for activation statistics.
+
+``pydoc`` is the English prose of CPython's own documentation (``pydoc_data.topics``, ~65k
+words, present in every Python install); ``generated`` is text the model samples itself from
+neutral starters. The default was chosen by measurement (see ``cards/rome/llama.yaml``).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+
+CORPORA = ("pydoc", "generated")
+
+
+def pydoc_paragraphs() -> list[str]:
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    paragraphs = [re.sub(r"\s+", " ", p).strip() for p in text.split("\n\n")]
+    return [p for p in paragraphs if len(p.split()) >= 8]
+
+
+def token_chunks(name: str, model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Yield 1-D token tensors of at most ``seq_len`` tokens, ``n_tokens`` in total."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {CORPORA}")
+    produced = 0
+    source = _pydoc_tokens(tokenizer, seq_len) if name == "pydoc" else _generated_tokens(model, tokenizer, seq_len, seed)
+    for chunk in source:
+        chunk = chunk[: n_tokens - produced]
+        produced += len(chunk)
+        yield chunk
+        if produced >= n_tokens:
+            return
+    raise ValueError(f"corpus {name!r} has only {produced} tokens; ask for fewer (n_tokens={n_tokens})")
+
+
+def _pydoc_tokens(tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
+    buffer: list[int] = []
+    for p in pydoc_paragraphs():
+        buffer.extend(tokenizer(p)["input_ids"])
+        while len(buffer) >= seq_len:
+            yield torch.tensor(buffer[:seq_len])
+            buffer = buffer[seq_len:]
+
+
+def _generated_tokens(model, tokenizer, seq_len: int, seed: int, batch: int = 16) -> Iterator[torch.Tensor]:
+    starters = ["The", "In", "A", "It", "When", "This", "One", "People", "Today", "There"]
+    device = next(model.parameters()).device
+    step = 0
+    while True:
+        prompts = [starters[(step * batch + i) % len(starters)] for i in range(batch)]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed + step)
+            out = model.generate(**enc, do_sample=True, top_k=50, max_new_tokens=seq_len,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        for row in out:
+            yield row[:seq_len].cpu()
+        step += 1

@@ -1,0 +1,323 @@
+"""``enable_editing``: gives a transformers model the edit API, on the same object.
+
+Example:
+    >>> model = editpeft.enable_editing(model, tokenizer)                         # doctest: +SKIP
+    >>> adapter = model.add_edit("rome", EditRequest(prompt="The Eiffel Tower is in",
+    ...                          subject="Eiffel Tower", target_new="Rome"), name="eiffel")  # doctest: +SKIP
+    >>> with model.disabled_edits(): ...                                           # doctest: +SKIP
+    >>> model.remove_edit("eiffel")                                                # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+from types import MappingProxyType
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .adapters import EditAdapter
+from .arch import get_arch
+from .attach import ModuleSlot
+from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError
+from .fingerprint import model_fingerprint
+from .registry import get_method, method_info
+from .request import EditRequest, as_request_list
+
+logger = logging.getLogger(__name__)
+
+
+class EditState:
+    """Everything editpeft keeps on an editable model: the edits in stack order, the hooked
+    module slots, the on/off switch, and per-model caches (context templates, statistics)."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.edits: "OrderedDict[str, EditAdapter]" = OrderedDict()
+        self.slots: dict[str, ModuleSlot] = {}
+        self.enabled = True
+        self.memo: dict[Any, Any] = {}
+
+    def module(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise BaseModelMismatchError(f"this model has no module {name!r}; the adapter was made "
+                                         "for another architecture") from None
+
+    def slot(self, name: str) -> ModuleSlot:
+        if name not in self.slots:
+            self.slots[name] = ModuleSlot(self, name, self.module(name))
+        return self.slots[name]
+
+    def drop_slot_if_empty(self, name: str) -> None:
+        slot = self.slots.get(name)
+        if slot is not None and slot.empty:
+            del self.slots[name]
+
+    def is_live(self, adapter: EditAdapter) -> bool:
+        return self.enabled and adapter.active
+
+    def original_weight(self, name: str) -> torch.Tensor:
+        slot = self.slots.get(name)
+        if slot is not None and slot.pristine is not None:
+            return slot.pristine
+        return self.module(name).weight
+
+    def fingerprint(self, targets: Iterable[str]) -> str:
+        return model_fingerprint(self.model, targets, self.original_weight)
+
+    def reorder_slots(self) -> None:
+        order = {id(a): i for i, a in enumerate(self.edits.values())}
+        for slot in self.slots.values():
+            slot.entries.sort(key=lambda e: order.get(id(e[0]), len(order)))
+
+    def live_routers(self) -> list[EditAdapter]:
+        return [a for a in self.edits.values() if a.kind == "router" and self.is_live(a)]
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        previous = self.enabled
+        self.enabled = False
+        with ExitStack() as stack:
+            for slot in list(self.slots.values()):
+                stack.enter_context(slot.pristine_weights())
+            try:
+                yield
+            finally:
+                self.enabled = previous
+
+
+@contextmanager
+def _computing(model: nn.Module) -> Iterator[None]:
+    """Freeze parameters and switch to eval mode while a method computes; restore afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+class EditableMixin:
+    """Methods added to a transformers model by :func:`enable_editing`."""
+
+    _editpeft: EditState
+
+    @property
+    def edit_state(self) -> EditState:
+        return self._editpeft
+
+    @property
+    def edits(self) -> Mapping[str, EditAdapter]:
+        """Ordered, read-only view: edit name -> adapter, in stack order."""
+        return MappingProxyType(self._editpeft.edits)
+
+    def add_edit(self, method: str, requests: EditRequest | Iterable[EditRequest], *,
+                 name: str | None = None, config: Any = None, append: bool = False) -> EditAdapter:
+        """Compute an edit with ``method`` and attach it as adapter ``name``.
+
+        ``requests`` is one :class:`EditRequest` or a list (a batch). ``config`` is a dict of
+        hyper-parameter overrides, a card path or the method's Config. With ``append=True`` and
+        an existing adapter ``name`` of the same method, the requests are added to it (lifelong
+        memories such as GRACE). If anything fails, the model is left exactly as it was.
+        """
+        state = self._editpeft
+        reqs = as_request_list(requests)
+        impl = get_method(method)
+        existing = state.edits.get(name) if name is not None else None
+        if existing is not None and not append:
+            raise EditError(f"an edit named {name!r} already exists; choose another name, remove it "
+                            "first, or pass append=True to add these requests to it")
+        if existing is not None and existing.method != impl.name:
+            raise EditError(f"cannot append {impl.name!r} edits to {name!r}, a {existing.method!r} adapter")
+        name = name or _fresh_name(state, impl.name)
+        get_arch(self)  # unsupported families fail before any work
+        cfg = impl.resolve_config(self, config)
+        with _computing(self):
+            if existing is not None:
+                adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg)
+            else:
+                adapter = impl.compute(self, state.tokenizer, reqs, cfg)
+        if not isinstance(adapter, EditAdapter) or adapter.kind != impl.kind:
+            raise EditError(f"plugin method {impl.name!r} returned {adapter!r}, not a {impl.kind} adapter")
+        _check_finite(adapter, impl.name)
+        _stamp(adapter, state, impl, cfg, name)
+        if existing is not None:
+            _swap(state, name, existing, adapter)
+        else:
+            _attach(state, name, adapter)
+        logger.info("added edit %r (%s, %d request(s))", name, impl.name, len(reqs))
+        return adapter
+
+    def remove_edit(self, name: str) -> EditAdapter:
+        """Detach edit ``name``; the base weights are bit-identical to before it was added."""
+        state = self._editpeft
+        adapter = _lookup(state, name)
+        adapter.detach(state)
+        del state.edits[name]
+        return adapter
+
+    @contextmanager
+    def disabled_edits(self) -> Iterator[None]:
+        """Inside the block the model behaves exactly as the unedited base model."""
+        with self._editpeft.disabled():
+            yield
+
+    def set_active_edits(self, names: Iterable[str]) -> None:
+        """Switch on exactly the edits in ``names`` (others stay attached but off)."""
+        state = self._editpeft
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            _lookup(state, n)
+        for n, adapter in state.edits.items():
+            adapter.active = n in names
+
+    def load_edit(self, path_or_repo: str | os.PathLike, *, name: str | None = None,
+                  revision: str | None = None, subfolder: str | None = None,
+                  allow_mismatch: bool = False) -> EditAdapter:
+        """Load an adapter folder (or a Hub repo ``user/repo``) and attach it on top of the stack."""
+        from .io import resolve_adapter_dir, load_adapter
+        state = self._editpeft
+        folder = resolve_adapter_dir(path_or_repo, revision=revision, subfolder=subfolder)
+        adapter = load_adapter(folder)
+        name = name or adapter.name or _fresh_name(state, adapter.method)
+        if name in state.edits:
+            raise EditError(f"an edit named {name!r} already exists; pass name=... to load it under another name")
+        _verify_base(state, adapter, allow_mismatch)
+        _attach(state, name, adapter)
+        return adapter
+
+
+def _routed_forward(self, *args, **kwargs):
+    routers = self._editpeft.live_routers() if self._editpeft.enabled else []
+    base_forward = super(type(self), self).forward
+    if not routers:
+        return base_forward(*args, **kwargs)
+    if args:
+        params = list(inspect.signature(base_forward).parameters)
+        kwargs.update(zip(params, args))
+
+    def call(i: int, inputs: dict[str, Any]):
+        if i == len(routers):
+            return base_forward(**inputs)
+        return routers[i].route(self, inputs, lambda nxt: call(i + 1, nxt))
+    return call(0, kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _editable_class(base: type) -> type:
+    """A subclass of ``base`` with the edit API; same name so saved configs are unchanged."""
+    def forward(self, *args, **kwargs):
+        return _routed_forward(self, *args, **kwargs)
+    forward.__signature__ = inspect.signature(base.forward)
+    forward.__doc__ = base.forward.__doc__
+    cls = type(base.__name__, (EditableMixin, base), {"forward": forward, "__module__": base.__module__})
+    cls.__qualname__ = base.__qualname__
+    return cls
+
+
+def enable_editing(model: nn.Module, tokenizer) -> nn.Module:
+    """Give ``model`` the edit API (``add_edit``, ``edits``, ``remove_edit``, ...) in place.
+
+    Returns the same object. Calling it twice is harmless (the tokenizer is updated).
+    """
+    if isinstance(model, EditableMixin):
+        model._editpeft.tokenizer = tokenizer
+        return model
+    get_arch(model)
+    if tokenizer is None:
+        raise EditError("enable_editing needs the model's tokenizer")
+    model.__class__ = _editable_class(type(model))
+    model._editpeft = EditState(model, tokenizer)
+    return model
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _fresh_name(state: EditState, method: str) -> str:
+    i = 0
+    while f"{method}-{i}" in state.edits:
+        i += 1
+    return f"{method}-{i}"
+
+
+def _lookup(state: EditState, name: str) -> EditAdapter:
+    if name not in state.edits:
+        have = ", ".join(state.edits) or "none"
+        raise EditError(f"no edit named {name!r}; edits on this model: {have}")
+    return state.edits[name]
+
+
+def _check_finite(adapter: EditAdapter, method: str) -> None:
+    for key, t in adapter.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise EditOptimizationError(f"method {method!r} produced non-finite values in {key!r}; "
+                                        "the model was left unchanged. Try a smaller learning rate.")
+
+
+def _stamp(adapter: EditAdapter, state: EditState, impl, cfg, name: str) -> None:
+    info = method_info(impl.name)
+    adapter.method = impl.name
+    adapter.hparams = cfg.to_dict()
+    adapter.plugin = {"distribution": info.distribution if info else None,
+                      "version": info.version if info else None}
+    adapter.base_model = {"name_or_path": getattr(state.model.config, "_name_or_path", None) or getattr(state.model, "name_or_path", None),
+                          "model_type": state.model.config.model_type,
+                          "fingerprint": state.fingerprint(adapter.targets)}
+    adapter.name = name
+
+
+def _attach(state: EditState, name: str, adapter: EditAdapter) -> None:
+    try:
+        adapter.attach(state)
+    except Exception:
+        adapter.detach(state)
+        raise
+    adapter.name = name
+    state.edits[name] = adapter
+
+
+def _swap(state: EditState, name: str, old: EditAdapter, new: EditAdapter) -> None:
+    new.active = old.active
+    old.detach(state)
+    try:
+        new.attach(state)
+    except Exception:
+        new.detach(state)
+        old.attach(state)
+        state.reorder_slots()
+        raise
+    state.edits[name] = new
+    state.reorder_slots()
+
+
+def _verify_base(state: EditState, adapter: EditAdapter, allow_mismatch: bool) -> None:
+    base = adapter.base_model or {}
+    model_type = state.model.config.model_type
+    if base.get("model_type") and base["model_type"] != model_type:
+        raise BaseModelMismatchError(
+            f"adapter {adapter.name!r} was made for a {base['model_type']!r} model "
+            f"({base.get('name_or_path')}); this model is {model_type!r}")
+    for target in adapter.targets:
+        state.module(target)
+    expected = base.get("fingerprint")
+    actual = state.fingerprint(adapter.targets)
+    if expected and expected != actual and not allow_mismatch:
+        raise BaseModelMismatchError(
+            f"adapter {adapter.name!r} was made for base model {base.get('name_or_path')!r} with "
+            f"fingerprint {expected[:19]}..., but this model's config/weights of "
+            f"{', '.join(adapter.targets)} give {actual[:19]}...; load it onto the model it was "
+            "made for, or pass allow_mismatch=True to attach it anyway")
+    if expected and expected != actual:
+        logger.warning("attaching %r despite a base-model fingerprint mismatch", adapter.name)

@@ -1,0 +1,42 @@
+"""The one exception hierarchy of editpeft. Every message says what to do next."""
+from __future__ import annotations
+
+
+class EditError(Exception):
+    """Base class of every error editpeft raises on purpose."""
+
+
+class InvalidRequestError(EditError, ValueError):
+    """An :class:`~editpeft.EditRequest` (or a list of them) cannot be edited as given."""
+
+
+class ConfigError(EditError, ValueError):
+    """A method's hyper-parameters are invalid for this method or model."""
+
+
+class UnknownMethodError(EditError, LookupError):
+    """No installed plugin provides the requested editing method."""
+
+
+class MethodNotInstalledError(UnknownMethodError):
+    """An adapter names a method whose plugin distribution is not installed."""
+
+
+class UnsupportedModelError(EditError):
+    """The model family (``config.model_type``) is not one editpeft knows how to edit."""
+
+
+class BaseModelMismatchError(EditError):
+    """An adapter was computed on another base model than the one it is loaded onto."""
+
+
+class AdapterFormatError(EditError):
+    """An adapter folder is missing a file, corrupt, or of an unknown format."""
+
+
+class EditOptimizationError(EditError, ArithmeticError):
+    """An edit's optimisation diverged (NaN or inf); the model was left unchanged."""
+
+
+class DefaultModelMissingError(EditError, ImportError):
+    """The embedded default model package is not installed."""

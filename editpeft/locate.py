@@ -1,0 +1,210 @@
+"""Shared machinery of the locate-then-edit family (ROME now; MEMIT, AlphaEdit later).
+
+- :func:`context_templates`: random prefixes sampled from the model (ROME §3.1: keys are
+  averaged "over a small set of texts x_j ... sampled by generating from G").
+- :func:`subject_keys`: k* = mean_j k(x_j + s), the input of the edited module at the subject's
+  last token (ROME Eq. 3).
+- :func:`optimize_value`: the residual delta that makes the model emit the new object, with
+  ROME's KL essence term and weight decay, and the norm clamp (ROME Eq. 4 and its code).
+
+Example:
+    >>> templates = context_templates(model, tokenizer)                           # doctest: +SKIP
+    >>> keys = subject_keys(model, tokenizer, "model.layers.4.mlp.down_proj", [req], templates)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .attach import StopForward, capture_inputs, output_edit, stop_after
+from .errors import EditOptimizationError
+from .request import EditRequest
+from .tokens import TargetBatch
+
+logger = logging.getLogger(__name__)
+
+STARTERS = ("The", "Therefore", "Because", "I", "You")
+
+
+def _state(model):
+    return getattr(model, "_editpeft", None)
+
+
+def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((10, 5),), seed: int = 0) -> list[str]:
+    """``["{}"]`` plus ``n`` sampled prefixes of ``length`` tokens for each ``(length, n)``.
+
+    Sampled from the unedited model (top-k 5) with a fixed seed and no effect on the global RNG;
+    memoised on the model's edit state.
+    """
+    state = _state(model)
+    key = ("context_templates", tuple(map(tuple, lengths)), seed)
+    if state is not None and key in state.memo:
+        return state.memo[key]
+    device = next(model.parameters()).device
+    templates = ["{}"]
+    ctx = state.disabled() if state is not None else _nullcontext()
+    with ctx, torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for length, n in lengths:
+            prompts = [STARTERS[i % len(STARTERS)] for i in range(n)]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            for text in tokenizer.batch_decode(out, skip_special_tokens=True):
+                templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
+    if state is not None:
+        state.memo[key] = templates
+    return templates
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def in_template(template: str, request: EditRequest) -> tuple[str, tuple[int, int] | None]:
+    """The request's prompt placed in a ``"...{}"`` template, with its shifted subject span."""
+    offset = template.index("{}")
+    text = template[:offset] + request.prompt + template[offset + 2:]
+    span = request.subject_span
+    return text, (span[0] + offset, span[1] + offset) if span else None
+
+
+def subject_keys(model, tokenizer, module_name: str, requests: Sequence[EditRequest],
+                 templates: Sequence[str]) -> torch.Tensor:
+    """k* per request: the module input at the subject's last token, averaged over templates.
+
+    Returns a (len(requests), in_features) float32 tensor.
+    """
+    module = model.get_submodule(module_name)
+    texts, spans = [], []
+    for r in requests:
+        for t in templates:
+            text, span = in_template(t, r)
+            texts.append(text)
+            spans.append(span)
+    batch = TargetBatch.build(tokenizer, texts, subject_spans=spans, device=next(model.parameters()).device)
+    captured: list = []
+    with torch.no_grad(), capture_inputs(module, captured), stop_after(module):
+        try:
+            model(**batch.model_inputs(), use_cache=False)
+        except StopForward:
+            pass
+    acts = captured[0]
+    rows = torch.arange(len(texts), device=acts.device)
+    at_subject = acts[rows, torch.tensor(batch.subject_last, device=acts.device)].float()
+    return at_subject.view(len(requests), len(templates), -1).mean(1)
+
+
+def forward_logits(model, batch: TargetBatch, positions: torch.Tensor) -> torch.Tensor:
+    """Logits at ``positions`` only (shape B × len(positions) × V) when the model supports
+    ``logits_to_keep``; the LM head over every position is the most expensive part of a small
+    model's forward."""
+    inputs = dict(batch.model_inputs(), use_cache=False)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**inputs, logits_to_keep=positions).logits
+    return model(**inputs).logits[:, positions]
+
+
+@dataclass
+class ValueResult:
+    delta: torch.Tensor        # (out_features,) change of the module output at the subject
+    init_norm: float           # norm of the module output it changes
+    loss: float
+    nll: float
+    steps: int
+
+
+def optimize_value(model, tokenizer, module_name: str, request: EditRequest, templates: Sequence[str], *,
+                   steps: int, lr: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
+                   kl_prompt: str = "{} is a", stop_nll: float = 5e-2) -> ValueResult:
+    """Optimise delta so that the model, with ``module``'s output at the subject's last token
+    shifted by delta in every template, predicts ``request.target_new``.
+
+    Loss = mean NLL(target) + kl_factor * KL(p_orig || p_new) on ``kl_prompt`` at the subject
+    + weight_decay * |delta| / |v|^2, delta clamped to clamp_norm_factor * |v| (ROME §3.1, Eq. 4).
+    Stops once the target NLL is below ``stop_nll`` (the reference code stops on the total loss,
+    which on small models never gets below its threshold once the clamp is reached).
+    """
+    module = model.get_submodule(module_name)
+    device = next(model.parameters()).device
+    texts, spans = zip(*(in_template(t, request) for t in templates))
+    kl_text, kl_span = in_template(kl_prompt, request) if request.subject else (None, None)
+    all_texts = list(texts) + ([kl_text] if kl_text else [])
+    all_spans = list(spans) + ([kl_span] if kl_text else [])
+    targets = [request.target_new] * len(texts) + ([None] if kl_text else [])
+    batch = TargetBatch.build(tokenizer, all_texts, targets, all_spans, device=device)
+    n_rw = len(texts)
+    lookup = torch.tensor(batch.subject_last, device=device)
+    rows = torch.arange(len(all_texts), device=device)
+
+    # Positions whose logits the loss needs: targets of rewrite rows and the KL row's subject.
+    needed = sorted({int(p) for i in range(n_rw) for p in batch.target_positions(i)}
+                    | ({batch.subject_last[-1]} if kl_text else set()))
+    keep = torch.tensor(needed, device=device)
+    col = {p: j for j, p in enumerate(needed)}
+
+    def nll_of(logits):
+        total = []
+        for i in range(n_rw):
+            pos = [col[int(p)] for p in batch.target_positions(i)]
+            logp = F.log_softmax(logits[i, pos].float(), -1)
+            total.append(-logp.gather(-1, torch.tensor(batch.target_ids[i], device=device)[:, None]).mean())
+        return torch.stack(total).mean()
+
+    init_out: dict[str, torch.Tensor] = {}
+
+    def record(x, out):
+        init_out["v"] = out[rows, lookup].detach()
+        return out
+
+    with torch.no_grad(), output_edit(module, record):
+        logits0 = forward_logits(model, batch, keep)
+    kl_init = F.log_softmax(logits0[-1, col[batch.subject_last[-1]]].float(), -1) if kl_text else None
+    v_init = init_out["v"][0].float()
+    max_norm = clamp_norm_factor * v_init.norm()
+
+    delta = torch.zeros(v_init.shape[0], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+
+    def shift(x, out):
+        add = torch.zeros_like(out)
+        add[rows, lookup] = delta.to(out.dtype)
+        return out + add
+
+    loss_val, nll_val, step = float("nan"), float("nan"), 0
+    with torch.enable_grad(), output_edit(module, shift):
+        for step in range(1, steps + 1):
+            opt.zero_grad()
+            logits = forward_logits(model, batch, keep)
+            nll = nll_of(logits)
+            loss = nll + weight_decay * delta.norm() / v_init.norm() ** 2
+            if kl_text:
+                kl_new = F.log_softmax(logits[-1, col[batch.subject_last[-1]]].float(), -1)
+                loss = loss + kl_factor * F.kl_div(kl_new, kl_init, log_target=True, reduction="sum")
+            loss_val, nll_val = float(loss.detach()), float(nll.detach())
+            logger.debug("step %d loss %.4f nll %.4f |delta| %.2f", step, loss_val, nll_val, float(delta.norm()))
+            if not torch.isfinite(loss):
+                raise EditOptimizationError(
+                    f"the value optimisation for {request.prompt!r} -> {request.target_new!r} diverged "
+                    f"(loss={loss_val}) at step {step}; the model was left unchanged. Lower the learning rate.")
+            if nll_val < stop_nll:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+    if not torch.isfinite(delta).all():
+        raise EditOptimizationError(f"the value optimisation for {request.prompt!r} produced non-finite "
+                                    "values; the model was left unchanged. Lower the learning rate.")
+    return ValueResult(delta.detach(), float(v_init.norm()), loss_val, nll_val, step)

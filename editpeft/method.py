@@ -1,0 +1,129 @@
+"""The plugin contract: a config dataclass and a method that computes an adapter.
+
+Example (a complete plugin, see docs/writing-a-plugin.md):
+    >>> from dataclasses import dataclass, field
+    >>> import editpeft
+    >>> @dataclass
+    ... class MyConfig(editpeft.MethodConfig):
+    ...     layer: int = field(default=5, metadata={"help": "decoder block to edit"})
+    >>> class MyMethod(editpeft.EditMethod):
+    ...     name, kind, Config = "mine", "weight_delta", MyConfig
+    ...     def compute(self, model, tokenizer, requests, config): ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+from .adapters import EditAdapter, ModuleHookAdapter, RouterAdapter, WeightDeltaAdapter
+from .errors import ConfigError, EditError
+from .request import EditRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyper-parameters. Fields carry ``metadata={"help": ...}``;
+    subclasses validate in :meth:`validate` (called from ``__post_init__``)."""
+
+    #: names of fields that index a decoder block (rescaled when a card targets another depth)
+    layer_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{type(self).__name__}.{f.name} must be finite, got {value}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for invalid values."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+        try:
+            return cls(**dict(data))
+        except TypeError as e:
+            raise ConfigError(f"invalid {cls.__name__}: {e}") from None
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def check(cond: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``cond`` holds."""
+    if not cond:
+        raise ConfigError(message)
+
+
+class EditMethod:
+    """An editing method: subclasses set ``name``, ``kind`` and ``Config`` and implement
+    :meth:`compute`. Methods that can add requests to an existing adapter (lifelong memories)
+    implement :meth:`extend`. The default adapter class per kind is used for loading unless
+    ``adapter_class`` names another."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    adapter_class: ClassVar[type[EditAdapter] | None] = None
+
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MethodConfig) -> EditAdapter:
+        raise NotImplementedError
+
+    def extend(self, adapter: EditAdapter, model, tokenizer, requests: Sequence[EditRequest],
+               config: MethodConfig) -> EditAdapter:
+        """Return a *new* adapter holding ``adapter``'s edits plus ``requests`` (never mutate
+        ``adapter``: a failure must leave the attached one as it was)."""
+        raise EditError(f"method {self.name!r} cannot append to an existing adapter; "
+                        "add the edit under a new name instead")
+
+    @classmethod
+    def supports_extend(cls) -> bool:
+        return cls.extend is not EditMethod.extend
+
+    @classmethod
+    def loader_class(cls) -> type[EditAdapter]:
+        if cls.adapter_class is not None:
+            return cls.adapter_class
+        return {"weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter,
+                "router": RouterAdapter}[cls.kind]
+
+    # -- configuration ------------------------------------------------------------------------
+    def resolve_config(self, model, config: "MethodConfig | Mapping[str, Any] | str | os.PathLike | None") -> MethodConfig:
+        """Turn ``config`` (None, a dict of overrides, a card path, or a Config) into a Config.
+
+        None and dicts start from the card ``cards/<method>/<model_type>.yaml`` when one exists;
+        a card tuned on a model of another depth has its layer fields rescaled proportionally.
+        """
+        if isinstance(config, self.Config):
+            return config
+        if isinstance(config, MethodConfig):
+            raise ConfigError(f"{type(config).__name__} is not the config of method {self.name!r}; "
+                              f"use {self.Config.__name__}")
+        if isinstance(config, (str, os.PathLike)):
+            from .cards import read_card
+            return self.Config.from_dict(read_card(Path(config)).get("hparams", {}))
+        if config is not None and not isinstance(config, Mapping):
+            raise ConfigError(f"config must be a dict, a card path or {self.Config.__name__}, "
+                              f"got {type(config).__name__}")
+        from .cards import card_hparams
+        base = card_hparams(self.name, model, self.Config.layer_fields)
+        return self.Config.from_dict({**base, **dict(config or {})})

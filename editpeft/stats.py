@@ -1,0 +1,145 @@
+"""Cached activation statistics: the second moment ``C = E[k k^T]`` of a module's inputs.
+
+ROME, MEMIT and AlphaEdit all need ``C`` of the MLP output projection's input (the "keys").
+It is computed once per (model fingerprint, module, corpus, token count) with a progress bar,
+stored as safetensors under ``$EDITPEFT_CACHE/stats`` and memoised on the model's edit state,
+so every method and every edit reuses it. The forward pass stops right after the module.
+
+Example:
+    >>> C = second_moment(model, tokenizer, "model.layers.7.mlp.down_proj")   # doctest: +SKIP
+    >>> C.shape
+    torch.Size([1536, 1536])
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .attach import StopForward, capture_inputs, stop_after
+from .corpus import token_chunks
+from .fingerprint import config_digest_source, tensor_digest
+from .paths import cache_root
+from .tokens import pad_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StatsCounters:
+    """How often statistics came from memory, from disk, or were computed."""
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    computed: int = 0
+
+
+def _state(model):
+    return getattr(model, "_editpeft", None)
+
+
+def counters(model) -> StatsCounters:
+    state = _state(model)
+    if state is None:
+        return StatsCounters()
+    return state.memo.setdefault("stats_counters", StatsCounters())
+
+
+def weights_fingerprint(model) -> str:
+    """Hash of the config and all original weights (memoised on the edit state)."""
+    state = _state(model)
+    if state is not None and "weights_fingerprint" in state.memo:
+        return state.memo["weights_fingerprint"]
+    h = hashlib.sha256(config_digest_source(model.config).encode())
+    for name, param in sorted(model.named_parameters()):
+        module_name = name.rsplit(".", 1)[0]
+        if state is not None and name.endswith(".weight") and module_name in state.slots:
+            param = state.original_weight(module_name)
+        h.update(name.encode())
+        tensor_digest(h, param)
+    digest = h.hexdigest()
+    if state is not None:
+        state.memo["weights_fingerprint"] = digest
+    return digest
+
+
+def second_moment(model, tokenizer, module_name: str, *, corpus: str = "pydoc", n_tokens: int = 40_000,
+                  seq_len: int = 128, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """``E[k k^T]`` (float32, on CPU) over the inputs ``k`` of ``module_name`` on ``corpus``."""
+    key_src = json.dumps({"model": weights_fingerprint(model), "module": module_name, "corpus": corpus,
+                          "n_tokens": n_tokens, "seq_len": seq_len, "version": 1}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    state, count = _state(model), counters(model)
+    memo_key = ("second_moment", key)
+    if state is not None and memo_key in state.memo:
+        count.memory_hits += 1
+        return state.memo[memo_key]
+    path = cache_root() / "stats" / f"{key}.safetensors"
+    if path.is_file():
+        mom2 = load_file(str(path))["mom2"]
+        count.disk_hits += 1
+    else:
+        mom2 = _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_size, progress)
+        _save_atomic(path, mom2, {"module": module_name, "corpus": corpus, "n_tokens": str(n_tokens),
+                                  "seq_len": str(seq_len), "model": getattr(model.config, "_name_or_path", "")})
+        count.computed += 1
+    if state is not None:
+        state.memo[memo_key] = mom2
+    return mom2
+
+
+def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_size, progress) -> torch.Tensor:
+    module = model.get_submodule(module_name)
+    device = next(model.parameters()).device
+    state = _state(model)
+    total, seen = None, 0
+    chunks = list(token_chunks(corpus, model, tokenizer, n_tokens, seq_len))
+    bar = tqdm(total=n_tokens, desc=f"stats {module_name}", unit="tok", disable=not progress, leave=False)
+    ctx = state.disabled() if state is not None else _null()
+    with ctx, torch.no_grad():
+        for start in range(0, len(chunks), batch_size):
+            group = chunks[start:start + batch_size]
+            width = max(len(c) for c in group)
+            ids = torch.full((len(group), width), pad_id(tokenizer), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, c in enumerate(group):
+                ids[i, : len(c)], mask[i, : len(c)] = c, 1
+            captured: list = []
+            with capture_inputs(module, captured), stop_after(module):
+                try:
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                except StopForward:
+                    pass
+            keys = captured[0][mask.to(device).bool()].double()
+            total = keys.T @ keys if total is None else total + keys.T @ keys
+            seen += keys.shape[0]
+            bar.update(keys.shape[0])
+    bar.close()
+    return (total / seen).float().cpu()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_atomic(path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"mom2": tensor.contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
