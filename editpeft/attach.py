@@ -136,6 +136,11 @@ def output_edit(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], to
         handle.remove()
 
 
+def as_btd(acts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Captured activations as (batch, seq, dim); some families (OPT) flatten to (batch*seq, dim)."""
+    return acts.reshape(input_ids.shape[0], input_ids.shape[1], acts.shape[-1])
+
+
 class StopForward(Exception):
     """Raised by a hook to end a forward pass early once the needed activations are captured."""
 

@@ -51,7 +51,7 @@ def _generated_tokens(model, tokenizer, seq_len: int, seed: int, batch: int = 16
     step = 0
     while True:
         prompts = [starters[(step * batch + i) % len(starters)] for i in range(batch)]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed + step)
             out = model.generate(**enc, do_sample=True, top_k=50, max_new_tokens=seq_len,

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attach import StopForward, capture_inputs, output_edit, stop_after
+from .attach import StopForward, as_btd, capture_inputs, output_edit, stop_after
 from .errors import EditOptimizationError
 from .request import EditRequest
 from .tokens import TargetBatch
@@ -52,7 +52,7 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
         torch.manual_seed(seed)
         for length, n in lengths:
             prompts = [STARTERS[i % len(STARTERS)] for i in range(n)]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
             out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
             for text in tokenizer.batch_decode(out, skip_special_tokens=True):
@@ -98,7 +98,7 @@ def subject_keys(model, tokenizer, module_name: str, requests: Sequence[EditRequ
             model(**batch.model_inputs(), use_cache=False)
         except StopForward:
             pass
-    acts = captured[0]
+    acts = as_btd(captured[0], batch.input_ids)
     rows = torch.arange(len(texts), device=acts.device)
     at_subject = acts[rows, torch.tensor(batch.subject_last, device=acts.device)].float()
     return at_subject.view(len(requests), len(templates), -1).mean(1)
@@ -163,7 +163,7 @@ def optimize_value(model, tokenizer, module_name: str, request: EditRequest, tem
     init_out: dict[str, torch.Tensor] = {}
 
     def record(x, out):
-        init_out["v"] = out[rows, lookup].detach()
+        init_out["v"] = as_btd(out, batch.input_ids)[rows, lookup].detach()
         return out
 
     with torch.no_grad(), output_edit(module, record):
@@ -176,9 +176,9 @@ def optimize_value(model, tokenizer, module_name: str, request: EditRequest, tem
     opt = torch.optim.Adam([delta], lr=lr)
 
     def shift(x, out):
-        add = torch.zeros_like(out)
+        add = torch.zeros_like(as_btd(out, batch.input_ids))
         add[rows, lookup] = delta.to(out.dtype)
-        return out + add
+        return out + add.reshape(out.shape)
 
     loss_val, nll_val, step = float("nan"), float("nan"), 0
     with torch.enable_grad(), output_edit(module, shift):
@@ -191,7 +191,7 @@ def optimize_value(model, tokenizer, module_name: str, request: EditRequest, tem
                 kl_new = F.log_softmax(logits[-1, col[batch.subject_last[-1]]].float(), -1)
                 loss = loss + kl_factor * F.kl_div(kl_new, kl_init, log_target=True, reduction="sum")
             loss_val, nll_val = float(loss.detach()), float(nll.detach())
-            logger.debug("step %d loss %.4f nll %.4f |delta| %.2f", step, loss_val, nll_val, float(delta.norm()))
+            logger.debug("step %d loss %.4f nll %.4f |delta| %.2f", step, loss_val, nll_val, float(delta.detach().norm()))
             if not torch.isfinite(loss):
                 raise EditOptimizationError(
                     f"the value optimisation for {request.prompt!r} -> {request.target_new!r} diverged "

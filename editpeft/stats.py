@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .attach import StopForward, capture_inputs, stop_after
+from .attach import StopForward, as_btd, capture_inputs, stop_after
 from .corpus import token_chunks
 from .fingerprint import config_digest_source, tensor_digest
 from .paths import cache_root
@@ -117,7 +117,7 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
                     model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 except StopForward:
                     pass
-            keys = captured[0][mask.to(device).bool()].double()
+            keys = as_btd(captured[0], ids)[mask.to(device).bool()].double()
             total = keys.T @ keys if total is None else total + keys.T @ keys
             seen += keys.shape[0]
             bar.update(keys.shape[0])

@@ -34,7 +34,7 @@ import torch
 import editpeft
 from editpeft import EditRequest, MethodConfig, ModuleHookAdapter
 from editpeft.arch import get_arch, linear_dims
-from editpeft.attach import capture_inputs, output_edit
+from editpeft.attach import as_btd, capture_inputs, output_edit
 from editpeft.codebook import Codebook
 from editpeft.errors import AdapterFormatError, EditOptimizationError
 from editpeft.method import check
@@ -137,8 +137,8 @@ def _edit_one(model, tokenizer, module, book: Codebook, request: EditRequest, co
     outputs: dict[str, torch.Tensor] = {}
     with torch.no_grad(), capture_inputs(module, captured), output_edit(module, lambda x, out: _keep(outputs, out)):
         model(**batch.model_inputs(), use_cache=False)
-    keys = captured[0][0, positions]
-    init_values = outputs["out"][0, positions]
+    keys = as_btd(captured[0], batch.input_ids)[0, positions]
+    init_values = as_btd(outputs["out"], batch.input_ids)[0, positions]
     trainable: list[int] = []
     for key, label, value in zip(keys, batch.target_ids[0], init_values):
         book, idx = book.insert(key, label, config.eps_init, value)
