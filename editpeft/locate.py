@@ -53,8 +53,12 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
         for length, n in lengths:
             prompts = [STARTERS[i % len(STARTERS)] for i in range(n)]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-            out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            try:
+                out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            except RuntimeError as e:
+                raise EditOptimizationError(f"sampling context prefixes failed ({e}): the model produces "
+                                            "non-finite outputs; the model was left unchanged") from None
             for text in tokenizer.batch_decode(out, skip_special_tokens=True):
                 templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
     if state is not None:

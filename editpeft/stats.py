@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .attach import StopForward, as_btd, capture_inputs, stop_after
 from .corpus import token_chunks
+from .errors import EditOptimizationError
 from .fingerprint import config_digest_source, tensor_digest
 from .paths import cache_root
 from .tokens import pad_id
@@ -87,6 +88,9 @@ def second_moment(model, tokenizer, module_name: str, *, corpus: str = "pydoc", 
         count.disk_hits += 1
     else:
         mom2 = _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_size, progress)
+        if not torch.isfinite(mom2).all():
+            raise EditOptimizationError(f"the activation statistics of {module_name!r} are not finite: the "
+                                        "model produces NaN/inf; nothing was cached and the model was left unchanged")
         _save_atomic(path, mom2, {"module": module_name, "corpus": corpus, "n_tokens": str(n_tokens),
                                   "seq_len": str(seq_len), "model": getattr(model.config, "_name_or_path", "")})
         count.computed += 1
