@@ -50,14 +50,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RomeConfig(MethodConfig):
-    layer: int = field(default=4, metadata={"help": "decoder block whose MLP output projection is edited"})
+    layer: int = field(default=3, metadata={"help": "decoder block whose MLP output projection is edited"})
     v_steps: int = field(default=25, metadata={"help": "maximum gradient steps of the value optimisation"})
-    v_lr: float = field(default=0.5, metadata={"help": "Adam learning rate of the value optimisation"})
+    v_lr: float = field(default=2.0, metadata={"help": "Adam learning rate of the value optimisation"})
     v_weight_decay: float = field(default=0.5, metadata={"help": "weight of |delta|/|v|^2 in the loss"})
     kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL essence term"})
     clamp_norm_factor: float = field(default=4.0, metadata={"help": "|delta| <= factor * |v|"})
     stop_nll: float = field(default=0.05, metadata={"help": "stop once the target's NLL is below this"})
-    context_lengths: list = field(default_factory=lambda: [[10, 5]],
+    context_lengths: list = field(default_factory=lambda: [[5, 5]],
                                   metadata={"help": "[[tokens, count], ...] of sampled context prefixes"})
     stats_corpus: str = field(default="pydoc", metadata={"help": f"corpus of the key statistics: {CORPORA}"})
     stats_tokens: int = field(default=40_000, metadata={"help": "tokens used for the key statistics"})
