@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class GraceConfig(MethodConfig):
     layer: int = field(default=20, metadata={"help": "decoder block whose MLP output projection is wrapped"})
-    eps_init: float = field(default=3.0, metadata={"help": "initial deferral radius of a new key"})
+    eps_init: float = field(default=1.0, metadata={"help": "initial deferral radius of a new key"})
     lr: float = field(default=1.0, metadata={"help": "Adam learning rate of the values"})
     steps: int = field(default=100, metadata={"help": "maximum training steps per edit"})
     stop_loss: float = field(default=0.02, metadata={"help": "stop training below this mean NLL"})
@@ -170,7 +170,7 @@ def _train_values(model, module, batch: TargetBatch, book: Codebook, trainable: 
         for _ in range(config.steps):
             opt.zero_grad()
             loss = batch.target_nll(model(**batch.model_inputs(), use_cache=False).logits)
-            loss_val = float(loss)
+            loss_val = float(loss.detach())
             if not torch.isfinite(loss):
                 raise EditOptimizationError(f"GRACE value training diverged (loss={loss_val}); the model "
                                             "was left unchanged. Lower lr.")
