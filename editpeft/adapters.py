@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 KINDS = ("weight_delta", "module_hook", "router")
 
 
-class EditAdapter:
+class EditAdapter(ABC):
     """Base of every adapter. Subclasses set ``kind`` and implement the tensor (de)serialisation
     (:meth:`state_dict` / :meth:`from_saved`) and :meth:`attach` / :meth:`detach`."""
 
@@ -47,20 +48,23 @@ class EditAdapter:
         self._state: "EditState | None" = None
 
     # -- serialisation (implemented by kinds / plugins) ---------------------------------------
+    @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The adapter's tensors (saved to ``edit_model.safetensors``)."""
 
     def extra_config(self) -> dict[str, Any]:
         """JSON-serialisable state that is not a tensor (saved in ``edit_config.json``)."""
         return {}
 
     @classmethod
+    @abstractmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "EditAdapter":
-        raise NotImplementedError
+        """Rebuild an adapter from its saved tensors, ``extra_config()`` and the common fields."""
 
     # -- attachment ---------------------------------------------------------------------------
+    @abstractmethod
     def attach(self, state: "EditState") -> None:
-        raise NotImplementedError
+        """Register the adapter's contributions on ``state``'s modules (or as a router)."""
 
     def detach(self, state: "EditState") -> None:
         for target in self.targets:
@@ -194,8 +198,9 @@ class ModuleHookAdapter(EditAdapter):
 
     kind = "module_hook"
 
+    @abstractmethod
     def transform(self, target: str, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The new output of module ``target`` given its input and original output."""
 
     def prepare(self, state: "EditState") -> None:
         """Validate shapes and move tensors to the model's device before attaching."""
@@ -226,8 +231,9 @@ class RouterAdapter(EditAdapter):
 
     kind = "router"
 
+    @abstractmethod
     def route(self, model, inputs: dict[str, Any], call_next: Callable[[dict[str, Any]], Any]) -> Any:
-        raise NotImplementedError
+        """Return the model output for ``inputs``; ``call_next(inputs)`` runs the rest of the stack."""
 
     def attach(self, state: "EditState") -> None:
         self._state = state

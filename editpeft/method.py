@@ -13,6 +13,8 @@ Example (a complete plugin, see docs/writing-a-plugin.md):
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from abc import ABC, abstractmethod
 import logging
 import math
 import os
@@ -74,7 +76,7 @@ def check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-class EditMethod:
+class EditMethod(ABC):
     """An editing method: subclasses set ``name``, ``kind`` and ``Config`` and implement
     :meth:`compute`. Methods that can add requests to an existing adapter (lifelong memories)
     implement :meth:`extend`. The default adapter class per kind is used for loading unless
@@ -85,8 +87,10 @@ class EditMethod:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     adapter_class: ClassVar[type[EditAdapter] | None] = None
 
+    @abstractmethod
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MethodConfig) -> EditAdapter:
-        raise NotImplementedError
+        """Compute the edit of ``requests`` on ``model`` (parameters frozen, eval mode) and return
+        an unattached adapter. Must not change the model; raise an EditError subclass on failure."""
 
     def extend(self, adapter: EditAdapter, model, tokenizer, requests: Sequence[EditRequest],
                config: MethodConfig) -> EditAdapter:
@@ -101,10 +105,13 @@ class EditMethod:
 
     @classmethod
     def loader_class(cls) -> type[EditAdapter]:
-        if cls.adapter_class is not None:
-            return cls.adapter_class
-        return {"weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter,
-                "router": RouterAdapter}[cls.kind]
+        """The adapter class that rebuilds saved adapters of this method."""
+        loader = cls.adapter_class or {"weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter,
+                                       "router": RouterAdapter}[cls.kind]
+        if inspect.isabstract(loader):
+            raise EditError(f"method {cls.name!r} must set adapter_class to its concrete {cls.kind} adapter "
+                            "class so that saved adapters can be loaded")
+        return loader
 
     # -- configuration ------------------------------------------------------------------------
     def resolve_config(self, model, config: "MethodConfig | Mapping[str, Any] | str | os.PathLike | None") -> MethodConfig:
