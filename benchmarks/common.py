@@ -62,3 +62,11 @@ def _fmt(v) -> str:
 
 def setup_threads(n: int = 2) -> None:
     torch.set_num_threads(n)
+
+
+def editable_default_model(threads: int = 2):
+    """(editable embedded model, tokenizer) with the benchmarks' thread count."""
+    import editpeft
+    setup_threads(threads)
+    model, tok = editpeft.load_default_model()
+    return editpeft.enable_editing(model, tok), tok

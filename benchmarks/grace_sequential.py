@@ -13,10 +13,9 @@ import json
 import statistics
 import time
 
-from common import load_counterfact, peak_rss_mb, print_table, request_of, score_case, setup_threads
+from common import load_counterfact, peak_rss_mb, print_table, request_of, score_case, editable_default_model
 from editpeft.evaluation.probes import top1
 
-import editpeft
 
 
 def main() -> None:
@@ -24,9 +23,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--config", default="{}")
     args = ap.parse_args()
-    setup_threads(2)
-    model, tok = editpeft.load_default_model()
-    model = editpeft.enable_editing(model, tok)
+    model, tok = editable_default_model()
     reqs = [request_of(c) for c in load_counterfact()[: args.n]]
     before = [top1(model, tok, list(r.locality)) for r in reqs]
     cfg = json.loads(args.config)

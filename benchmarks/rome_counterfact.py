@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import known_cases, load_counterfact, peak_rss_mb, print_table, request_of, score_case, setup_threads
+from common import known_cases, load_counterfact, peak_rss_mb, print_table, request_of, score_case, editable_default_model
 from editpeft.evaluation.probes import top1
 
 import editpeft
@@ -28,9 +28,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--config", default="{}")
     args = ap.parse_args()
-    setup_threads(2)
-    model, tok = editpeft.load_default_model()
-    model = editpeft.enable_editing(model, tok)
+    model, tok = editable_default_model()
     cfg = editpeft.registry.get_method("rome").resolve_config(model, json.loads(args.config))
     t = time.perf_counter()
     second_moment(model, tok, get_arch(model).mlp_out_name(cfg.layer), corpus=cfg.stats_corpus, n_tokens=cfg.stats_tokens)

@@ -12,10 +12,9 @@ import json
 import statistics
 import time
 
-from common import known_cases, load_counterfact, print_table, request_of, score_case, setup_threads
+from common import known_cases, load_counterfact, print_table, request_of, score_case, editable_default_model
 from editpeft.evaluation.probes import top1
 
-import editpeft
 from editpeft.arch import get_arch
 from editpeft.stats import second_moment
 
@@ -27,9 +26,7 @@ def main() -> None:
     ap.add_argument("--config", default="{}")
     ap.add_argument("--method", default="rome")
     args = ap.parse_args()
-    setup_threads(2)
-    model, tok = editpeft.load_default_model()
-    model = editpeft.enable_editing(model, tok)
+    model, tok = editable_default_model()
     cases = known_cases(model, tok, load_counterfact())
     print(f"known cases: {len(cases)} of 1129; using {min(args.n, len(cases))}")
     cases = cases[: args.n]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,7 +48,7 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
         return state.memo[key]
     device = next(model.parameters()).device
     templates = ["{}"]
-    ctx = state.disabled() if state is not None else _nullcontext()
+    ctx = state.disabled() if state is not None else nullcontext()
     with ctx, torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for length, n in lengths:
@@ -64,14 +65,6 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
     if state is not None:
         state.memo[key] = templates
     return templates
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def in_template(template: str, request: EditRequest) -> tuple[str, tuple[int, int] | None]:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,7 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
     total, seen = None, 0
     chunks = list(token_chunks(corpus, model, tokenizer, n_tokens, seq_len))
     bar = tqdm(total=n_tokens, desc=f"stats {module_name}", unit="tok", disable=not progress, leave=False)
-    ctx = state.disabled() if state is not None else _null()
+    ctx = state.disabled() if state is not None else nullcontext()
     with ctx, torch.no_grad():
         for start in range(0, len(chunks), batch_size):
             group = chunks[start:start + batch_size]
@@ -127,14 +128,6 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
             bar.update(keys.shape[0])
     bar.close()
     return (total / seen).float().cpu()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_atomic(path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
