@@ -149,14 +149,6 @@ def optimize_value(model, tokenizer, module_name: str, request: EditRequest, tem
     keep = torch.tensor(needed, device=device)
     col = {p: j for j, p in enumerate(needed)}
 
-    def nll_of(logits):
-        total = []
-        for i in range(n_rw):
-            pos = [col[int(p)] for p in batch.target_positions(i)]
-            logp = F.log_softmax(logits[i, pos].float(), -1)
-            total.append(-logp.gather(-1, torch.tensor(batch.target_ids[i], device=device)[:, None]).mean())
-        return torch.stack(total).mean()
-
     init_out: dict[str, torch.Tensor] = {}
 
     def record(x, out):
@@ -182,7 +174,7 @@ def optimize_value(model, tokenizer, module_name: str, request: EditRequest, tem
         for step in range(1, steps + 1):
             opt.zero_grad()
             logits = forward_logits(model, batch, keep)
-            nll = nll_of(logits)
+            nll = batch.target_nll(logits, range(n_rw), needed)
             loss = nll + weight_decay * delta.norm() / v_init.norm() ** 2
             if kl_text:
                 kl_new = F.log_softmax(logits[-1, col[batch.subject_last[-1]]].float(), -1)

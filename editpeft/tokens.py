@@ -97,19 +97,26 @@ class TargetBatch:
         start = self.prompt_len[row] - 1
         return torch.arange(start, start + len(self.target_ids[row]))
 
-    def target_logprobs(self, logits: torch.Tensor) -> list[torch.Tensor]:
-        """Per row, the log-probabilities of each target token (teacher forced)."""
+    def target_logprobs(self, logits: torch.Tensor, kept: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Per row, the log-probabilities of each target token (teacher forced). ``kept`` names
+        the absolute positions ``logits`` covers when it was computed at some positions only."""
+        col = {p: j for j, p in enumerate(kept)} if kept is not None else None
         out = []
         for i, t_ids in enumerate(self.target_ids):
-            pos = self.target_positions(i).to(logits.device)
+            if not t_ids:
+                out.append(logits.new_zeros(0))
+                continue
+            pos = self.target_positions(i).tolist()
+            pos = torch.tensor([col[p] for p in pos] if col else pos, device=logits.device)
             logp = F.log_softmax(logits[i, pos].float(), dim=-1)
             out.append(logp.gather(-1, torch.tensor(t_ids, device=logits.device)[:, None])[:, 0])
         return out
 
-    def target_nll(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
-        """Mean over rows of the mean per-token negative log-likelihood of the targets."""
-        lps = self.target_logprobs(logits)
-        rows = range(len(lps)) if rows is None else rows
+    def target_nll(self, logits: torch.Tensor, rows: Sequence[int] | None = None,
+                   kept: Sequence[int] | None = None) -> torch.Tensor:
+        """Mean over ``rows`` (default: rows with a target) of the mean per-token target NLL."""
+        lps = self.target_logprobs(logits, kept)
+        rows = [i for i, t in enumerate(self.target_ids) if t] if rows is None else rows
         return torch.stack([-lps[i].mean() for i in rows]).mean()
 
 
