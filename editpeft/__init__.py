@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 from .adapters import EditAdapter, ModuleHookAdapter, RouterAdapter, WeightDeltaAdapter
 from .editable import enable_editing
-from .errors import (AdapterFormatError, BaseModelMismatchError, ConfigError, DefaultModelMissingError,
+from .evaluation.runner import evaluate
+from .errors import (AdapterFormatError, BaseModelMismatchError, ConfigError, DatasetFormatError, DefaultModelMissingError,
                      EditError, EditOptimizationError, InvalidRequestError, MethodNotInstalledError,
                      UnknownMethodError, UnsupportedModelError)
 from .method import EditMethod, MethodConfig
@@ -23,9 +24,9 @@ from .registry import list_methods
 from .request import EditRequest
 
 __all__ = [
-    "__version__", "load_default_model", "enable_editing", "list_methods", "EditRequest",
+    "__version__", "load_default_model", "enable_editing", "evaluate", "list_methods", "EditRequest",
     "EditMethod", "MethodConfig", "EditAdapter", "WeightDeltaAdapter", "ModuleHookAdapter", "RouterAdapter",
     "EditError", "InvalidRequestError", "ConfigError", "UnknownMethodError", "MethodNotInstalledError",
     "UnsupportedModelError", "BaseModelMismatchError", "AdapterFormatError", "EditOptimizationError",
-    "DefaultModelMissingError",
+    "DefaultModelMissingError", "DatasetFormatError",
 ]

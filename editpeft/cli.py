@@ -4,6 +4,9 @@
     editpeft edit --method rome --prompt "The Eiffel Tower is located in the city of" \
                   --subject "Eiffel Tower" --target-new Rome --out edits/eiffel
     editpeft generate "The Eiffel Tower is located in the city of" --edit edits/eiffel
+    editpeft eval --method rome --method grace --data counterfact.json --n 200 --known-only \
+                  --mode sequential --out runs/cf
+    editpeft report runs/cf runs/zsre --out runs/all
     editpeft demo
 """
 from __future__ import annotations
@@ -20,16 +23,73 @@ from . import __version__
 from .errors import EditError
 
 
-def _load_model(path: str | None):
+def _load_model(path: str | None, device_map: str | None = None, dtype: str | None = None):
     import editpeft
     if path is None:
         model, tok = editpeft.load_default_model()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        kw = {"device_map": device_map} if device_map else {}
+        if dtype:
+            kw["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
         model.eval()
     return editpeft.enable_editing(model, tok), tok
+
+
+def _distributed_rank() -> tuple[int, int] | None:
+    """(rank, world size) under ``accelerate launch`` / ``torchrun``, else None."""
+    import os
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise EditError(f"--shard takes i/n (for example 0/4), got {text!r}") from None
+    return i, n
+
+
+def cmd_eval(args) -> int:
+    import os
+
+    import torch
+
+    from .evaluation import evaluate
+    shard = _parse_shard(args.shard) or _distributed_rank() or (0, 1)
+    model, tok = _load_model(args.model, args.device_map, args.dtype)
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and not args.device_map:
+        model.to(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if shard[1] > 1:
+        out = out / f"shard-{shard[0]}-of-{shard[1]}"
+    methods = [m for arg in args.method for m in arg.split(",") if m]
+    config = _parse_config(args.config)
+    protocols = [p for p in args.protocols.split(",") if p]
+    checkpoints = [int(k) for k in args.checkpoints.split(",") if k]
+    summaries = evaluate(model, tok, methods, args.data, out=out, mode=args.mode, n=args.n, format=args.format,
+                         config=config, batch_size=args.batch_size, checkpoints=checkpoints, protocols=protocols,
+                         known_only=args.known_only, shard=shard, overwrite=args.overwrite)
+    for method, s in summaries.items():
+        rel = s["metrics"].get("reliability", {})
+        print(f"{method}: {s['counts'].get('scored', 0)} cases; reliability "
+              + ", ".join(f"{p}={v['mean']:.3f}" for p, v in rel.items() if p in ("token_em", "prob_margin", "gen_em")))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .evaluation.report import write_report
+    path = write_report(args.runs, args.out or (args.runs[0] if len(args.runs) == 1 else "report"))
+    print(path.read_text())
+    return 0
 
 
 def _parse_config(text: str | None):
@@ -177,6 +237,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--allow-mismatch", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate methods on a dataset (single, batch or sequential editing)")
+    p.add_argument("--method", action="append", required=True,
+                   help="method to evaluate (repeatable, or comma-separated); all run on identical cases")
+    p.add_argument("--data", required=True, help="dataset file (.json or .jsonl)")
+    p.add_argument("--format", help="dataset format (default: detected): counterfact, counterfact_easyedit, "
+                                    "zsre, knowedit, mquake")
+    p.add_argument("--config", help="JSON object of hyper-parameters or a card path")
+    p.add_argument("--n", type=int, help="number of cases (after --known-only filtering)")
+    p.add_argument("--mode", choices=["single", "batch", "sequential"], default="single")
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--checkpoints", default="1,10,50,100,200,500,1000",
+                   help="sequential mode: numbers of edits at which all edits so far are scored")
+    p.add_argument("--protocols", default="token_em,prob_margin,gen_em",
+                   help="comma-separated protocols; add ngram_entropy for fluency (slow: it generates text)")
+    p.add_argument("--known-only", action="store_true",
+                   help="keep cases whose true answer the unedited model predicts")
+    p.add_argument("--shard", help="i/n: evaluate every n-th case starting at i (merge with `editpeft report`)")
+    p.add_argument("--out", required=True, help="run folder; an interrupted run resumes when started again")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--model", help="a transformers model folder or id (default: the embedded model)")
+    p.add_argument("--device-map", help="passed to from_pretrained, for example auto")
+    p.add_argument("--dtype", help="passed to from_pretrained, for example bfloat16")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="combine evaluation runs (and shards) into one report")
+    p.add_argument("runs", nargs="+", help="run folders (OUT or OUT/<method>)")
+    p.add_argument("--out", help="where to write report.md, summary.json and plots")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="edit facts of the embedded model with ROME and GRACE")
     p.set_defaults(func=cmd_demo)

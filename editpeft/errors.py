@@ -40,3 +40,7 @@ class EditOptimizationError(EditError, ArithmeticError):
 
 class DefaultModelMissingError(EditError, ImportError):
     """The embedded default model package is not installed."""
+
+
+class DatasetFormatError(EditError, ValueError):
+    """An evaluation file matches no known format, or one of its records is malformed."""

@@ -1,0 +1,353 @@
+"""Run editing methods over evaluation cases: single, batch and sequential modes, resumable.
+
+A run folder ``OUT/<method>/`` holds ``run.json`` (the settings and the case ids), ``cases.jsonl``
+(one line per scored case, written as soon as it is scored) and, in sequential mode, ``state/``
+(the adapters at the last checkpoint). Starting the same run again skips what is already scored;
+different settings on an existing folder are an error rather than a silent mix.
+
+Example:
+    >>> import editpeft
+    >>> summary = editpeft.evaluate(model, tokenizer, "rome", "counterfact.json", n=20,
+    ...                             out="runs/rome-cf")                       # doctest: +SKIP
+    >>> summary["rome"]["metrics"]["reliability"]["token_em"]                 # doctest: +SKIP
+    1.0
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .. import __version__
+from ..errors import EditError
+from ..tokens import target_token_ids
+from .cases import EvalCase
+from .datasets import load_dataset
+from .metrics import PROTOCOLS, CaseScorer
+from .report import summarize, write_report
+
+logger = logging.getLogger(__name__)
+
+MODES = ("single", "batch", "sequential")
+DEFAULT_CHECKPOINTS = (1, 10, 50, 100, 200, 500, 1000)
+
+
+@dataclass
+class RunSettings:
+    """Everything that defines a run; a resumed run must match it exactly."""
+
+    method: str
+    mode: str = "single"
+    config: Any = None
+    data: str = ""
+    format: str = ""
+    n: int | None = None
+    known_only: bool = False
+    batch_size: int = 10
+    checkpoints: list[int] = field(default_factory=lambda: list(DEFAULT_CHECKPOINTS))
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
+    shard: list[int] = field(default_factory=lambda: [0, 1])
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        i, n = self.shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard {i}/{n} is out of range; use i/n with 0 <= i < n")
+
+
+def known_mask(model, tokenizer, cases: Sequence[EvalCase], chunk: int = 64) -> list[bool]:
+    """Whether the unedited model's greedy next token after each edited prompt is the first token
+    of its true answer, for every request of the case (cases without a true answer: False)."""
+    from .scoring import score_branches
+    out = []
+    for start in range(0, len(cases), chunk):
+        part = cases[start:start + chunk]
+        items = [(r.prompt, [[]]) for c in part for r in c.requests]
+        preds = [s[0].argmax[0] for s in score_branches(model, tokenizer, items)]
+        k = 0
+        for c in part:
+            ok = True
+            for r in c.requests:
+                ok &= r.target_true is not None and preds[k] == target_token_ids(tokenizer, r.prompt, r.target_true)[0]
+                k += 1
+            out.append(bool(ok))
+    return out
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in MiB."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _RunDir:
+    """The on-disk record of one method's run: settings, appended case lines, resume state."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], case_ids: list[str], overwrite: bool):
+        self.path = path
+        meta = {"settings": settings, "case_ids": case_ids}
+        run_json = path / "run.json"
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        if run_json.is_file():
+            old = json.loads(run_json.read_text())
+            if {k: old.get(k) for k in meta} != meta:
+                raise EditError(f"{path} holds a run with other settings or cases; choose another --out, "
+                                "or pass overwrite=True (--overwrite) to start it afresh")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            _write_json(run_json, {**meta, "editpeft_version": __version__})
+        self.lines_path = path / "cases.jsonl"
+
+    def lines(self) -> list[dict[str, Any]]:
+        if not self.lines_path.is_file():
+            return []
+        out = []
+        for line in self.lines_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:   # a line cut off by an interruption: rescored
+                break
+        return out
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        with self.lines_path.open("a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class Runner:
+    """Evaluates one method on fixed cases; use :func:`evaluate` for the whole pipeline."""
+
+    def __init__(self, model, tokenizer, settings: RunSettings, cases: list[EvalCase], run_dir: _RunDir,
+                 progress: bool = True):
+        self.model, self.tokenizer, self.s, self.cases, self.dir = model, tokenizer, settings, cases, run_dir
+        self.scorer = CaseScorer(model, tokenizer, settings.protocols)
+        self.progress = progress
+        self.device = next(model.parameters()).device
+
+    def run(self) -> None:
+        getattr(self, f"_run_{self.s.mode}")()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _bar(self, total: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.progress, dynamic_ncols=True)
+
+    def _edit(self, cases: Sequence[EvalCase], name: str, append: bool = False):
+        requests = [r for c in cases for r in c.requests]
+        start = time.perf_counter()
+        try:
+            adapter = self.model.add_edit(self.s.method, requests, name=name, config=self.s.config, append=append)
+        except EditError as e:
+            logger.warning("edit of case(s) %s failed: %s", [c.case_id for c in cases], e)
+            return None, time.perf_counter() - start, str(e)
+        return adapter, time.perf_counter() - start, None
+
+    def _scored(self, cases: Sequence[EvalCase], baselines: Sequence[dict]) -> list[dict]:
+        scores = self.scorer.score(cases, baselines)
+        if self.scorer.fluency:
+            for sc, flu in zip(scores, self.scorer.fluency_scores(cases)):
+                if flu is not None:
+                    sc["fluency"] = {"ngram_entropy": flu}
+        return scores
+
+    def _line(self, case: EvalCase, scores: dict | None, **extra) -> dict[str, Any]:
+        return {"case_id": case.case_id, "method": self.s.method, "mode": self.s.mode, "scores": scores,
+                "peak_memory_mb": round(peak_memory_mb(self.device), 1), **extra}
+
+    def _running(self, bar, lines: list[dict]) -> None:
+        vals = [ln["scores"]["reliability"].get("token_em") for ln in lines if ln.get("scores")]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            bar.set_postfix(rel_token_em=f"{sum(vals) / len(vals):.3f}")
+
+    # -- modes -------------------------------------------------------------------------------------
+    def _run_single(self) -> None:
+        self._run_groups(1)
+
+    def _run_batch(self) -> None:
+        self._run_groups(self.s.batch_size)
+
+    def _run_groups(self, size: int) -> None:
+        done = {ln["case_id"] for ln in self.dir.lines()}
+        groups = [self.cases[i:i + size] for i in range(0, len(self.cases), size)]
+        todo = [g for g in groups if not all(c.case_id in done for c in g)]
+        written = [ln for ln in self.dir.lines()]
+        bar = self._bar(len(self.cases), len(self.cases) - sum(len(g) for g in todo), f"{self.s.method} {self.s.mode}")
+        name = f"eval-{self.s.method}"
+        for gi, group in enumerate(todo):
+            baselines = self.scorer.baseline(group)
+            adapter, seconds, error = self._edit(group, name)
+            if adapter is None:
+                lines = [self._line(c, None, error=error, edit_seconds=seconds / len(group)) for c in group]
+            else:
+                try:
+                    scores = self._scored(group, baselines)
+                finally:
+                    self.model.remove_edit(name)
+                lines = [self._line(c, sc, edit_seconds=seconds / len(group), adapter_bytes=adapter.num_bytes(),
+                                    group_size=len(group)) for c, sc in zip(group, scores)]
+            self.dir.append(lines)
+            written.extend(lines)
+            bar.update(len(group))
+            self._running(bar, written)
+        bar.close()
+
+    def _run_sequential(self) -> None:
+        state_dir = self.dir.path / "state"
+        progress_file = state_dir / "progress.json"
+        checkpoints = sorted({k for k in self.s.checkpoints if k <= len(self.cases)} | {len(self.cases)})
+        done_ckpts = {ln["checkpoint"] for ln in self.dir.lines() if ln.get("checkpoint_complete")}
+        applied, names, append = 0, [], False
+        from ..registry import get_method
+        extendable = get_method(self.s.method).supports_extend()
+        baselines = self._batched_baselines(self.cases)
+        try:
+            if progress_file.is_file():
+                prog = json.loads(progress_file.read_text())
+                applied, names = prog["applied"], prog["names"]
+                for nm in names:
+                    self.model.load_edit(state_dir / nm, name=nm)
+            edit_seconds: list[float] = []
+            bar = self._bar(len(self.cases), applied, f"{self.s.method} sequential")
+            for k in range(applied, len(self.cases)):
+                case = self.cases[k]
+                name = "eval-seq" if extendable else f"eval-seq-{k}"
+                append = extendable and name in self.model.edits
+                adapter, seconds, error = self._edit([case], name, append=append)
+                edit_seconds.append(seconds)
+                if adapter is not None and name not in names:
+                    names.append(name)
+                if error is not None:
+                    self.dir.append([self._line(case, None, error=error, failed_at=k + 1, edit_seconds=seconds)])
+                bar.update(1)
+                n_done = k + 1
+                if n_done in checkpoints and n_done not in done_ckpts:
+                    self._checkpoint(n_done, baselines, edit_seconds, names)
+                    edit_seconds = []
+                    self._save_state(state_dir, progress_file, n_done, names)
+                    self._running(bar, [ln for ln in self.dir.lines() if ln.get("checkpoint") == n_done])
+            bar.close()
+        finally:
+            for nm in names:
+                if nm in self.model.edits:
+                    self.model.remove_edit(nm)
+
+    def _batched_baselines(self, cases: Sequence[EvalCase], chunk: int = 16) -> list[dict]:
+        out: list[dict] = []
+        for i in range(0, len(cases), chunk):
+            out.extend(self.scorer.baseline(cases[i:i + chunk]))
+        return out
+
+    def _checkpoint(self, n_done: int, baselines: list[dict], edit_seconds: list[float], names: list[str]) -> None:
+        edited = self.cases[:n_done]
+        lines = []
+        size = sum(self.model.edits[nm].num_bytes() for nm in names if nm in self.model.edits)
+        for i in range(0, n_done, 16):
+            part = edited[i:i + 16]
+            for c, sc in zip(part, self._scored(part, baselines[i:i + 16])):
+                lines.append(self._line(c, sc, checkpoint=n_done, adapter_bytes=size))
+        lines[-1]["edit_seconds_since_last_checkpoint"] = edit_seconds
+        lines[-1]["checkpoint_complete"] = True
+        self.dir.append(lines)
+
+    def _save_state(self, state_dir: Path, progress_file: Path, applied: int, names: list[str]) -> None:
+        tmp = state_dir.with_name("state.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for nm in names:
+            self.model.edits[nm].save_pretrained(tmp / nm)
+        _write_json(tmp / "progress.json", {"applied": applied, "names": names})
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
+        os.replace(tmp, state_dir)
+
+
+def _select(model, tokenizer, cases: list[EvalCase], n: int | None, known_only: bool,
+            shard: tuple[int, int]) -> tuple[list[EvalCase], int]:
+    """Keep known cases (when asked) until ``n`` are kept, then take shard ``i`` of ``k`` (every
+    k-th case), so the shards of a run partition exactly the cases of the unsharded run.
+    Returns (cases, number of records examined)."""
+    i, k = shard
+    if not known_only:
+        kept = cases[:n] if n is not None else cases
+        return kept[i::k], len(kept)
+    kept, examined = [], 0
+    for start in range(0, len(cases), 64):
+        part = cases[start:start + 64]
+        for c, ok in zip(part, known_mask(model, tokenizer, part)):
+            examined += 1
+            if ok:
+                kept.append(c)
+            if n is not None and len(kept) >= n:
+                return kept[i::k], examined
+    return kept[i::k], examined
+
+
+def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | Sequence[EvalCase], *,
+             out: str | Path | None = None, mode: str = "single", n: int | None = None, format: str | None = None,
+             config: Any = None, batch_size: int = 10, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
+             protocols: Sequence[str] = PROTOCOLS, known_only: bool = False, shard: tuple[int, int] = (0, 1),
+             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Evaluate one or several methods on identical cases; returns ``{method: summary}``.
+
+    ``data`` is a dataset file (format detected, or named by ``format``) or a list of
+    :class:`EvalCase`. ``config`` is one config for every method, or ``{method: config}``.
+    Results go to ``out/<method>/`` (a temporary folder when ``out`` is None).
+    """
+    import tempfile
+
+    import editpeft
+    from ..registry import get_method
+    model = editpeft.enable_editing(model, tokenizer)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    for m in methods:
+        get_method(m)   # unknown or broken methods fail before any work
+    if isinstance(data, (str, Path)):
+        dataset = load_dataset(data, format)
+        cases, fmt, data_name, skipped = dataset.cases, dataset.format, str(data), len(dataset.skipped)
+    else:
+        cases, fmt, data_name, skipped = list(data), format or "cases", "<cases>", 0
+    cases, examined = _select(model, tokenizer, cases, n, known_only, tuple(shard))
+    if not cases:
+        raise EditError("no case to evaluate" + (" (none is known to the model; drop --known-only)" if known_only else ""))
+    root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="editpeft-eval-"))
+    results = {}
+    for method in methods:
+        cfg = config.get(method) if isinstance(config, dict) and method in config and set(config) <= set(methods) \
+            else config
+        settings = RunSettings(method=method, mode=mode, config=cfg, data=data_name, format=fmt, n=n,
+                               known_only=known_only, batch_size=batch_size, checkpoints=list(checkpoints),
+                               protocols=list(protocols), shard=list(shard),
+                               model=str(getattr(model.config, "_name_or_path", "")))
+        run_dir = _RunDir(root / method, asdict(settings), [c.case_id for c in cases], overwrite)
+        Runner(model, tokenizer, settings, cases, run_dir, progress).run()
+        summary = summarize(run_dir.lines(), settings=asdict(settings),
+                            counts={"examined": examined, "kept": len(cases), "skipped_records": skipped})
+        _write_json(run_dir.path / "summary.json", summary)
+        results[method] = summary
+    write_report([root / m for m in methods], root)
+    return results

@@ -1,0 +1,271 @@
+"""Teacher-forced scoring of many continuations of many prompts in few forward passes.
+
+Each item is a prompt with one or more *branches* (token-id continuations: the new target, the old
+one, aliases, a greedy continuation to verify). Items are packed into rows without padding; the
+branches of one prompt share its tokens through a tree-shaped 4-D attention mask with explicit
+position ids, so a prompt is run once however many answers are scored after it. Packing makes the
+tokenizer's padding side irrelevant; logits are computed only at the positions that are read.
+
+When a model-level router edit is active (IKE, SERAC: they rewrite the input), items are scored
+as plain right-padded sequences instead, one per branch, so the router sees ordinary inputs.
+
+Example:
+    >>> scores = score_branches(model, tok, [("The capital of France is", [[ids_of_paris]])])  # doctest: +SKIP
+    >>> scores[0][0].argmax[0] == ids_of_paris[0]                                             # doctest: +SKIP
+    True
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..tokens import pad_id
+
+Item = tuple[str, Sequence[Sequence[int]]]
+
+
+@dataclass
+class BranchScore:
+    """``logprobs[i]``: log-probability of branch token i; ``argmax[i]``: the greedy token at the
+    position predicting token i (``argmax[-1]`` is the greedy token after the whole branch)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    argmax: list[int]
+
+    @property
+    def total_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    def matches(self, limit: int | None = None) -> list[bool]:
+        n = len(self.tokens) if limit is None else min(limit, len(self.tokens))
+        return [self.argmax[i] == self.tokens[i] for i in range(n)]
+
+
+@dataclass
+class _Segment:
+    item: int
+    ids: list[int]               # prompt + all branches, concatenated
+    positions: list[int]
+    parent_end: list[int]        # token j may attend to tokens [0, parent_end[j]) of the prompt ...
+    branch_start: list[int]      # ... and to tokens [branch_start[j], j] of its own branch
+    prompt_len: int
+    branches: list[tuple[int, int]]  # (start, length) of each branch within ids
+
+
+def _segment(index: int, prompt_ids: list[int], branches: Sequence[Sequence[int]]) -> _Segment:
+    p = len(prompt_ids)
+    ids, pos = list(prompt_ids), list(range(p))
+    parent_end, branch_start = list(range(1, p + 1)), [0] * p
+    spans = []
+    for b in branches:
+        start = len(ids)
+        spans.append((start, len(b)))
+        ids.extend(int(t) for t in b)
+        pos.extend(range(p, p + len(b)))
+        parent_end.extend([p] * len(b))
+        branch_start.extend([start] * len(b))
+    return _Segment(index, ids, pos, parent_end, branch_start, p, spans)
+
+
+def _pack(segments: list[_Segment], max_row_tokens: int) -> list[list[_Segment]]:
+    """First-fit-decreasing packing of segments into rows of at most ``max_row_tokens``."""
+    rows: list[list[_Segment]] = []
+    sizes: list[int] = []
+    for seg in sorted(segments, key=lambda s: -len(s.ids)):
+        k = next((i for i, used in enumerate(sizes) if used + len(seg.ids) <= max_row_tokens), None)
+        if k is None:
+            rows.append([seg])
+            sizes.append(len(seg.ids))
+        else:
+            rows[k].append(seg)
+            sizes[k] += len(seg.ids)
+    return rows
+
+
+@dataclass
+class _Row:
+    segments: list[_Segment]
+    offsets: list[int]
+    ids: torch.Tensor        # (width,)
+    positions: torch.Tensor  # (width,)
+    allowed: torch.Tensor    # (width, width) bool
+    read: list[int]          # positions whose logits are needed
+
+
+def _build_row(segments: list[_Segment]) -> _Row:
+    width = sum(len(s.ids) for s in segments)
+    ids = torch.empty(width, dtype=torch.long)
+    pos = torch.empty(width, dtype=torch.long)
+    allowed = torch.zeros((width, width), dtype=torch.bool)
+    offsets, read, off = [], [], 0
+    for s in segments:
+        n = len(s.ids)
+        ids[off:off + n] = torch.tensor(s.ids)
+        pos[off:off + n] = torch.tensor(s.positions)
+        col, row = torch.arange(n)[None, :], torch.arange(n)[:, None]
+        parent_end, branch_start = torch.tensor(s.parent_end)[:, None], torch.tensor(s.branch_start)[:, None]
+        allowed[off:off + n, off:off + n] = (col < parent_end) | ((col >= branch_start) & (col <= row))
+        offsets.append(off)
+        read.append(off + s.prompt_len - 1)
+        read.extend(off + start + i for start, n_b in s.branches for i in range(n_b))
+        off += n
+    return _Row(segments, offsets, ids, pos, allowed, read)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _keeps_logits(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _has_router(model) -> bool:
+    state = getattr(model, "_editpeft_state", None)
+    if state is None or not state.enabled:
+        return False
+    from ..adapters import RouterAdapter
+    return any(isinstance(a, RouterAdapter) and a.active for a in state.edits.values())
+
+
+def _read_branches(seg: _Segment, logp_at, argmax_at, offset: int) -> list[BranchScore]:
+    """Scores of a segment's branches from per-position log-probs / argmax at row offset ``offset``."""
+    out = []
+    last_prompt = offset + seg.prompt_len - 1
+    for start, n in seg.branches:
+        toks = seg.ids[start:start + n]
+        preds = [last_prompt] + [offset + start + i for i in range(n)]
+        out.append(BranchScore(toks, [logp_at(preds[i], toks[i]) for i in range(n)],
+                               [argmax_at(q) for q in preds]))
+    return out
+
+
+@torch.no_grad()
+def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per_batch: int,
+                  pad: int) -> dict[int, list[BranchScore]]:
+    device, dtype = _device(model), _dtype(model)
+    rows = [_build_row(r) for r in _pack(segments, max_row_tokens)]
+    out: dict[int, list[BranchScore]] = {}
+    for b0 in range(0, len(rows), rows_per_batch):
+        group = rows[b0:b0 + rows_per_batch]
+        width = max(len(r.ids) for r in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        pos = torch.zeros((len(group), width), dtype=torch.long)
+        allowed = torch.eye(width, dtype=torch.bool).repeat(len(group), 1, 1)   # padding sees itself only
+        for g, r in enumerate(group):
+            n = len(r.ids)
+            ids[g, :n], pos[g, :n], allowed[g, :n, :n] = r.ids, r.positions, r.allowed
+        mask = torch.zeros((len(group), 1, width, width), dtype=dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        keep = sorted({q for r in group for q in r.read})
+        inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                      use_cache=False)
+        if _keeps_logits(model):
+            logits = model(**inputs, logits_to_keep=torch.tensor(keep, device=device)).logits
+        else:
+            logits = model(**inputs).logits[:, keep]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        best = logp.argmax(-1).tolist()
+        col = {q: i for i, q in enumerate(keep)}
+        for g, r in enumerate(group):
+            for s, o in zip(r.segments, r.offsets):
+                out[s.item] = _read_branches(s, lambda q, t, g=g: float(logp[g, col[q], t]),
+                                             lambda q, g=g: best[g][col[q]], o)
+    return out
+
+
+@torch.no_grad()
+def _score_padded(model, segments: list[_Segment], batch_size: int, pad: int) -> dict[int, list[BranchScore]]:
+    """One right-padded sequence per branch: for models whose forward must see ordinary inputs."""
+    device = _device(model)
+    flat = []
+    for s in segments:
+        prompt = s.ids[:s.prompt_len]
+        for k, (start, n) in enumerate(s.branches or [(s.prompt_len, 0)]):
+            flat.append((s, k, prompt + s.ids[start:start + n], n))
+    out: dict[int, list[BranchScore]] = {s.item: [None] * len(s.branches) for s in segments}
+    for b0 in range(0, len(flat), batch_size):
+        chunk = flat[b0:b0 + batch_size]
+        width = max(len(seq) for _, _, seq, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (_, _, seq, _) in enumerate(chunk):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            mask[i, :len(seq)] = 1
+        logp = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        best = logp.argmax(-1)
+        for i, (s, k, seq, n) in enumerate(chunk):
+            if not s.branches:
+                continue
+            single = _Segment(s.item, seq, [], [], [], s.prompt_len, [(s.prompt_len, n)])
+            out[s.item][k] = _read_branches(single, lambda q, t: float(logp[i, q, t]),
+                                            lambda q: int(best[i, q]), 0)[0]
+    return out
+
+
+def score_branches(model, tokenizer, items: Sequence[Item], *, max_row_tokens: int = 512,
+                   rows_per_batch: int = 4, batch_size: int = 32, packed: bool | None = None) -> list[list[BranchScore]]:
+    """Teacher-forced scores of every branch of every ``(prompt, branches)`` item, in input order.
+
+    ``packed=None`` packs unless a router edit is active; ``True``/``False`` force a path (tests
+    check that both give the same numbers).
+    """
+    segments, where = [], []
+    for i, (prompt, branches) in enumerate(items):
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+        if not prompt_ids:
+            raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+        unique = list(dict.fromkeys(tuple(int(t) for t in b) for b in branches))   # score repeats once
+        where.append([unique.index(tuple(int(t) for t in b)) for b in branches])
+        segments.append(_segment(i, prompt_ids, [list(b) for b in unique]))
+    if packed is None:
+        packed = not _has_router(model)
+    pad = pad_id(tokenizer)
+    by_item = (_score_packed(model, segments, max_row_tokens, rows_per_batch, pad) if packed
+               else _score_padded(model, segments, batch_size, pad))
+    return [[by_item[i][k] for k in where[i]] for i in range(len(items))]
+
+
+def greedy_continuations(model, tokenizer, prompts: Sequence[str], length: int,
+                         drafts: Sequence[Sequence[int]] | None = None,
+                         verified: Sequence[BranchScore] | None = None, **kw) -> list[list[int]]:
+    """The greedy continuation of ``length`` tokens after each prompt.
+
+    Decoding verifies a draft (for example the expected answer) in one teacher-forced pass and
+    keeps the longest agreeing prefix plus the model's own next token, so a prompt whose greedy
+    output is the draft costs one pass; every further pass adds at least one token. ``verified``
+    passes scores of the drafts already computed by the caller, saving the first pass.
+    """
+    current = [list(d)[:length] for d in drafts] if drafts is not None else [[] for _ in prompts]
+    done = [None] * len(prompts)
+    pending = list(range(len(prompts)))
+    first = list(verified) if verified is not None else None
+    while pending:
+        if first is not None:   # the caller already scored the drafts
+            scores, first = [[first[i]] for i in pending], None
+        else:
+            scores = score_branches(model, tokenizer, [(prompts[i], [current[i]]) for i in pending], **kw)
+        still = []
+        for i, (score,) in zip(pending, scores):
+            agree = score.matches()
+            m = agree.index(False) if False in agree else len(agree)
+            greedy = current[i][:m] + [score.argmax[m]]
+            if len(greedy) >= length:
+                done[i] = greedy[:length]
+            else:
+                current[i] = greedy
+                still.append(i)
+        pending = still
+    return done
