@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .. import __version__
-from ..errors import EditError
+from ..errors import ConfigError, EditError
 from ..tokens import target_token_ids
 from .cases import EvalCase
 from .datasets import load_dataset
@@ -59,12 +59,12 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise ConfigError("batch_size must be at least 1")
         i, n = self.shard
         if not 0 <= i < n:
-            raise ValueError(f"shard {i}/{n} is out of range; use i/n with 0 <= i < n")
+            raise ConfigError(f"shard {i}/{n} is out of range; use i/n with 0 <= i < n")
 
 
 def known_mask(model, tokenizer, cases: Sequence[EvalCase], chunk: int = 64) -> list[bool]:
@@ -111,6 +111,11 @@ class _RunDir:
             path.mkdir(parents=True, exist_ok=True)
             _write_json(run_json, {**meta, "editpeft_version": __version__})
         self.lines_path = path / "cases.jsonl"
+        if self.lines_path.is_file():     # drop a line cut off by an interruption before appending again
+            kept = self.lines()
+            tmp = self.lines_path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.lines_path)
 
     def lines(self) -> list[dict[str, Any]]:
         if not self.lines_path.is_file():
@@ -324,6 +329,7 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
     from ..registry import get_method
     model = editpeft.enable_editing(model, tokenizer)
     methods = [methods] if isinstance(methods, str) else list(methods)
+    RunSettings(method="", mode=mode, batch_size=batch_size, shard=list(shard))   # bad settings fail first
     for m in methods:
         get_method(m)   # unknown or broken methods fail before any work
     if isinstance(data, (str, Path)):

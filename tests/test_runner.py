@@ -1,0 +1,153 @@
+"""The runner: modes, resume after an interruption, shards merged by the report, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import editpeft
+from editpeft import EditRequest
+from editpeft.evaluation import CaseScorer, EvalCase, Probe, evaluate, write_report
+from editpeft.evaluation import runner as runner_mod
+
+GRACE = {"grace": {"layer": 0, "eps_init": 1.0, "steps": 100}}
+SUBJECTS = ["Eiffel Tower", "Colosseum", "gold", "silver", "river", "tower"]
+TARGETS = ["Rome", "Paris", "Berlin", "Tokyo", "Madrid", "Vienna"]
+
+
+def _cases() -> list[EvalCase]:
+    out = []
+    for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS)):
+        prompt = f"The city that holds the {s}"
+        out.append(EvalCase(
+            f"c{i}", (EditRequest(prompt=prompt, subject=s, target_new=t, target_true="London"),),
+            generalization=(Probe(f"A fact about the {s}", (t,), "London"),),
+            locality={"neighborhood": (Probe("The chemical symbol for gold is", ("Au",), t),
+                                       Probe("Berlin, London, Madrid", ()))},
+            portability={"one_hop": (Probe(f"The {s} is in the city of", (t,)),)}))
+    return out
+
+
+def _metrics(summary):
+    return summary["metrics"]
+
+
+def test_no_edit_locality_is_exactly_one(tiny):
+    model, tok = tiny
+    cases = _cases()
+    scorer = CaseScorer(model, tok)
+    base = scorer.baseline(cases)
+    for s in scorer.score(cases, base):
+        assert s["locality"]["token_em"] == 1.0 and s["locality"]["gen_em"] == 1.0
+        assert s["locality"]["prob_margin"] == 1.0
+    model.add_edit("grace", cases[0].requests, name="g", config=GRACE["grace"])
+    with model.disabled_edits():      # an edit that is present but touches nothing
+        for s in scorer.score(cases, base):
+            assert s["locality"] == {"token_em": 1.0, "gen_em": 1.0, "prob_margin": 1.0, "prob_margin_mean": 0.0}
+
+
+@pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
+def test_modes_write_lines_summary_and_report(tiny, tmp_path, mode):
+    model, tok = tiny
+    out = evaluate(model, tok, "grace", _cases(), out=tmp_path, mode=mode, config=GRACE, batch_size=3,
+                   checkpoints=[1, 3], progress=False)
+    s = out["grace"]
+    assert s["counts"]["scored"] == 6 and s["failed_edits"] == 0
+    assert _metrics(s)["reliability"]["token_em"]["mean"] == 1.0
+    assert set(_metrics(s)) >= {"reliability", "generalization", "locality", "locality_answer", "portability",
+                                "portability/one_hop", "locality/neighborhood"}
+    lines = [json.loads(x) for x in (tmp_path / "grace" / "cases.jsonl").read_text().splitlines()]
+    if mode == "sequential":
+        assert [p["edits"] for p in s["curve"]] == [1, 3, 6]
+        assert {ln["checkpoint"] for ln in lines} == {1, 3, 6} and len(lines) == 1 + 3 + 6
+        assert len(model.edits) == 0       # the run removes its edits
+    else:
+        assert len(lines) == 6 and all(ln["group_size"] == (3 if mode == "batch" else 1) for ln in lines)
+    assert not model.edits
+    report = (tmp_path / "report.md").read_text()
+    assert "## Protocol `token_em`" in report and "## Protocol `prob_margin`" in report
+    assert (tmp_path / "bars_token_em.png").stat().st_size > 1000
+    if mode == "sequential":
+        assert (tmp_path / "sequential_token_em.png").is_file()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["single", "sequential"])
+def test_interrupt_and_resume_gives_the_same_summary(tiny, tmp_path, monkeypatch, mode):
+    model, tok = tiny
+    kw = dict(mode=mode, config=GRACE, checkpoints=[1, 2, 4], progress=False)
+    full = evaluate(model, tok, "grace", _cases(), out=tmp_path / "full", **kw)["grace"]
+
+    calls = {"n": 0}
+    real = runner_mod.Runner._scored
+
+    def flaky(self, cases, baselines):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Interrupt()
+        return real(self, cases, baselines)
+
+    monkeypatch.setattr(runner_mod.Runner, "_scored", flaky)
+    with pytest.raises(_Interrupt):
+        evaluate(model, tok, "grace", _cases(), out=tmp_path / "cut", **kw)
+    assert not model.edits                                   # nothing left attached
+    with (tmp_path / "cut" / "grace" / "cases.jsonl").open("a") as f:
+        f.write('{"case_id": "c9", "trunc')                  # a line cut off mid-write
+    monkeypatch.setattr(runner_mod.Runner, "_scored", real)
+    resumed = evaluate(model, tok, "grace", _cases(), out=tmp_path / "cut", **kw)["grace"]
+    assert _metrics(resumed) == _metrics(full)
+    assert resumed["counts"]["scored"] == full["counts"]["scored"]
+    if mode == "sequential":
+        assert [p["metrics"] for p in resumed["curve"]] == [p["metrics"] for p in full["curve"]]
+
+
+def test_other_settings_on_an_existing_run_are_refused(tiny, tmp_path):
+    model, tok = tiny
+    evaluate(model, tok, "grace", _cases()[:2], out=tmp_path, config=GRACE, progress=False)
+    with pytest.raises(editpeft.EditError, match="other settings"):
+        evaluate(model, tok, "grace", _cases()[:3], out=tmp_path, config=GRACE, progress=False)
+    evaluate(model, tok, "grace", _cases()[:3], out=tmp_path, config=GRACE, progress=False, overwrite=True)
+
+
+def test_shards_merge_into_the_unsharded_summary(tiny, tmp_path):
+    model, tok = tiny
+    whole = evaluate(model, tok, "grace", _cases(), out=tmp_path / "whole", config=GRACE, progress=False)["grace"]
+    for i in range(2):
+        evaluate(model, tok, "grace", _cases(), out=tmp_path / "sharded" / f"s{i}", config=GRACE, shard=(i, 2),
+                 progress=False)
+    write_report([tmp_path / "sharded"], tmp_path / "merged")
+    (merged,) = json.loads((tmp_path / "merged" / "summary.json").read_text()).values()
+    assert merged["counts"]["kept"] == 6 and merged["counts"]["shards"] == 2
+    for metric, by_protocol in _metrics(whole).items():
+        for protocol, v in by_protocol.items():
+            assert merged["metrics"][metric][protocol]["mean"] == pytest.approx(v["mean"])
+
+
+def test_failed_edit_is_recorded_and_leaves_nothing(tiny, tmp_path):
+    model, tok = tiny
+    bad = {"grace": {"layer": 0, "eps_init": 1.0, "steps": 100, "lr": float("nan")}}
+    s = evaluate(model, tok, "grace", _cases()[:2], out=tmp_path, config=bad, progress=False)["grace"]
+    assert s["failed_edits"] == 2 and s["counts"]["scored"] == 0 and not model.edits
+
+
+def test_cli_eval_and_report(tmp_path, tiny_tokenizer, capsys):
+    from conftest import make_tiny_model
+    from editpeft.cli import main
+    model = make_tiny_model("llama", tiny_tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    data = tmp_path / "cases.json"
+    data.write_text(json.dumps([{"case_id": i, "prompt": f"The city that holds the {s}", "subject": s,
+                                 "target_new": t, "ground_truth": "London", "rephrase_prompt": f"About the {s}",
+                                 "locality_prompt": "Berlin, London", "locality_ground_truth": "Madrid"}
+                                for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS))]))
+    args = ["eval", "--method", "grace", "--data", str(data), "--model", str(tmp_path / "m"), "--n", "4",
+            "--config", json.dumps(GRACE["grace"]), "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert "grace: 4 cases; reliability" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "| grace (single, cases) |" in capsys.readouterr().out
+    assert main(args[:-2] + ["--shard", "3/2", "--out", str(tmp_path / "x")]) != 0
