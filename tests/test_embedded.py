@@ -121,3 +121,34 @@ def test_mismatched_base_model_refused(clean, tmp_path, tiny_tokenizer):
     other = editpeft.enable_editing(make_tiny_model("llama", tiny_tokenizer), tiny_tokenizer)
     with pytest.raises(editpeft.BaseModelMismatchError):
         other.load_edit(tmp_path / "eiffel")
+
+
+KNOWN_CASES = [
+    {"case_id": i, "prompt": p, "subject": s, "target_new": new, "ground_truth": true,
+     "rephrase_prompt": r, "locality_prompt": "The capital of Japan is", "locality_ground_truth": "Tokyo"}
+    for i, (p, s, new, true, r) in enumerate([
+        ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris",
+         "Where is the Eiffel Tower? It is in the city of"),
+        ("The chemical symbol for gold is", "gold", "Ag", "Au", "In chemistry, gold is written as"),
+        ("The capital of France is", "France", "Berlin", "Paris", "France's capital city is"),
+    ])]
+
+
+def test_harness_unedited_and_edited(clean, tmp_path):
+    """Unedited: reliability on the counterfactual targets is near 0 and the known facts are known.
+    ROME through the harness: reliability 1, the locality probe kept, nothing left attached."""
+    from editpeft.evaluation import CaseScorer, evaluate, load_cases
+    model, tok = clean
+    cases = load_cases(KNOWN_CASES)
+    scorer = CaseScorer(model, tok)
+    base = scorer.baseline(cases)
+    unedited = scorer.score(cases, base)
+    assert sum(s["reliability"]["token_em"] for s in unedited) / len(cases) <= 0.1
+    assert all(s["reliability"]["prob_margin"] == 0.0 for s in unedited)     # the true object is preferred
+    assert all(s["locality_answer"]["gen_em"] == 1.0 for s in unedited)      # the model knows Tokyo
+    summary = evaluate(model, tok, "rome", cases, out=tmp_path, known_only=True, progress=False)["rome"]
+    assert summary["counts"]["kept"] == 3 and summary["failed_edits"] == 0
+    m = summary["metrics"]
+    assert m["reliability"]["token_em"]["mean"] == 1.0 and m["reliability"]["prob_margin"]["mean"] == 1.0
+    assert m["locality"]["gen_em"]["mean"] == 1.0
+    assert not model.edits

@@ -1,0 +1,97 @@
+"""Evaluate every installed method on the embedded model with fixed settings; write the measured
+results (date, command, case counts) into the ``results:`` block of each method's card.
+
+    python benchmarks/eval_cards.py                       # all methods, all settings below
+    python benchmarks/eval_cards.py --methods grace --settings cf-single zsre-single
+
+Runs resume: start the same command again after an interruption and it continues.
+Results go to runs/cards/<setting>/<method>/ and runs/cards/report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+from pathlib import Path
+
+import yaml
+from common import COUNTERFACT, DATA, editable_default_model
+
+import editpeft
+from editpeft.cards import card_path
+from editpeft.evaluation import evaluate, write_report
+
+ZSRE = DATA / "portability" / "zsre_one_hop.json"
+SETTINGS = {
+    "cf-single": dict(data=COUNTERFACT, known_only=True, n=None, mode="single"),
+    "cf-sequential": dict(data=COUNTERFACT, known_only=True, n=None, mode="sequential", checkpoints=[1, 10, 50, 100]),
+    "zsre-single": dict(data=ZSRE, known_only=False, n=200, mode="single"),
+    "zsre-sequential": dict(data=ZSRE, known_only=False, n=100, mode="sequential", checkpoints=[1, 10, 50, 100]),
+}
+KEEP = ("reliability", "generalization", "locality", "locality_answer", "portability")
+
+
+def _compact(summary: dict) -> dict:
+    m = summary["metrics"]
+    out = {"cases": summary["counts"].get("scored"), "failed_edits": summary["failed_edits"]}
+    if summary["settings"].get("known_only"):
+        out["known_of_examined"] = f"{summary['counts'].get('kept')} of {summary['counts'].get('examined')}"
+    for metric in KEEP:
+        for protocol in ("token_em", "prob_margin", "gen_em"):
+            if protocol in m.get(metric, {}):
+                out[f"{metric}_{protocol}"] = round(m[metric][protocol]["mean"], 3)
+    e = summary["efficiency"]
+    out["median_seconds_per_edit"] = round(e.get("edit_seconds_median", float("nan")), 2)
+    out["adapter_bytes"] = int(e.get("adapter_bytes", 0))
+    out["peak_memory_mb"] = round(e.get("peak_memory_mb", 0))
+    return out
+
+
+def write_card_results(path: Path, block: dict) -> None:
+    """Replace the card's top-level ``results:`` block (comments elsewhere are kept)."""
+    text = path.read_text()
+    new = yaml.safe_dump({"results": block}, sort_keys=False, width=110)
+    pattern = re.compile(r"^results:\n(?:[ #].*\n|\n)*", re.M)
+    text = pattern.sub(new, text) if pattern.search(text) else text.rstrip("\n") + "\n" + new
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", nargs="*", help="default: every installed method")
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--out", default="runs/cards")
+    ap.add_argument("--no-write", action="store_true", help="do not touch the cards")
+    args = ap.parse_args()
+    model, tok = editable_default_model()
+    methods = args.methods or sorted(editpeft.list_methods())
+    out = Path(args.out)
+    results: dict[str, dict] = {m: {} for m in methods}
+    for name in args.settings:
+        s = dict(SETTINGS[name])
+        summaries = evaluate(model, tok, methods, s.pop("data"), out=out / name, **s)
+        for method, summary in summaries.items():
+            results[method][name] = _compact(summary)
+    write_report([out / name for name in args.settings], out)
+    print((out / "report.md").read_text())
+    if args.no_write:
+        return
+    for method in methods:
+        path = card_path(method, model.config.model_type)
+        if path is None:
+            print(f"no card for {method}/{model.config.model_type}; results not written", file=sys.stderr)
+            continue
+        earlier = (yaml.safe_load(Path(path).read_text()) or {}).get("results") or {}
+        kept = {k: v for k, v in earlier.items() if k in SETTINGS and k not in results[method]}
+        block = {"date": datetime.date.today().isoformat(),
+                 "command": "python benchmarks/eval_cards.py (settings as in SETTINGS there; runs merged per setting)",
+                 "machine": "2 CPU threads, no GPU, float32, embedded SmolLM2-135M-Instruct",
+                 "protocols": "token_em, prob_margin, gen_em (see editpeft/evaluation/metrics.py)",
+                 **kept, **results[method]}
+        write_card_results(Path(path), block)
+        print(f"wrote results to {path}")
+
+
+if __name__ == "__main__":
+    main()
