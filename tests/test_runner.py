@@ -24,7 +24,8 @@ def _cases() -> list[EvalCase]:
             generalization=(Probe(f"A fact about the {s}", (t,), "London"),),
             locality={"neighborhood": (Probe("The chemical symbol for gold is", ("Au",), t),
                                        Probe("Berlin, London, Madrid", ()))},
-            portability={"one_hop": (Probe(f"The {s} is in the city of", (t,)),)}))
+            portability={"one_hop": (Probe(f"The {s} is in the city of", (t,)),)},
+            generation_prompts=(f"The {s} is", "A fact about")))
     return out
 
 
@@ -102,6 +103,16 @@ def test_interrupt_and_resume_gives_the_same_summary(tiny, tmp_path, monkeypatch
     assert resumed["counts"]["scored"] == full["counts"]["scored"]
     if mode == "sequential":
         assert [p["metrics"] for p in resumed["curve"]] == [p["metrics"] for p in full["curve"]]
+
+
+def test_fluency_protocol(tiny, tmp_path):
+    model, tok = tiny
+    s = evaluate(model, tok, "grace", _cases()[:2], out=tmp_path, config=GRACE, progress=False,
+                 protocols=["token_em", "ngram_entropy"])["grace"]
+    assert set(s["metrics"]["fluency"]) == {"ngram_entropy"} and s["metrics"]["fluency"]["ngram_entropy"]["n"] == 2
+    assert s["metrics"]["fluency"]["ngram_entropy"]["mean"] > 0
+    assert set(s["metrics"]["reliability"]) == {"token_em"}
+    assert "## Protocol `ngram_entropy`" in (tmp_path / "report.md").read_text()
 
 
 def test_other_settings_on_an_existing_run_are_refused(tiny, tmp_path):
