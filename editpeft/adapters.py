@@ -92,11 +92,12 @@ class EditAdapter(ABC):
         from .io import save_adapter
         return save_adapter(self, path, readme=readme)
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None,
+    def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, private: bool | None = None,
                     commit_message: str | None = None, token: str | None = None) -> str:
-        """Upload the adapter folder to a Hub model repo; returns the commit URL."""
+        """Upload the adapter folder to a Hub model repo (``subfolder`` of it); returns the commit URL."""
         from .hub import push_adapter
-        return push_adapter(self, repo_id, private=private, commit_message=commit_message, token=token)
+        return push_adapter(self, repo_id, subfolder=subfolder, private=private, commit_message=commit_message,
+                            token=token)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())

@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import EditAdapter
 from .arch import get_arch
 from .attach import ModuleSlot
+from .conflicts import Conflict, find_conflicts
 from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError
 from .fingerprint import model_fingerprint
 from .registry import get_method, method_info
@@ -43,6 +44,7 @@ class EditState:
         self.slots: dict[str, ModuleSlot] = {}
         self.enabled = True
         self.memo: dict[Any, Any] = {}
+        self.strict_conflicts = False
 
     def module(self, name: str) -> nn.Module:
         try:
@@ -144,6 +146,11 @@ class EditableMixin:
             raise EditError(f"cannot append {impl.name!r} edits to {name!r}, a {existing.method!r} adapter")
         name = name or _fresh_name(state, impl.name)
         get_arch(self)  # unsupported families fail before any work
+        batch = find_conflicts([(f"{name} (request {i})", [r]) for i, r in enumerate(reqs)])
+        if batch:
+            raise InvalidRequestError("the batch contains contradictory edits: "
+                                      + "; ".join(c.describe() for c in batch) + ". Keep one of each pair")
+        _report_conflicts(state, name, reqs)
         cfg = impl.resolve_config(self, config)
         with _computing(self):
             if existing is not None:
@@ -196,8 +203,14 @@ class EditableMixin:
         if name in state.edits:
             raise EditError(f"an edit named {name!r} already exists; pass name=... to load it under another name")
         _verify_base(state, adapter, allow_mismatch)
+        _report_conflicts(state, name, adapter.requests)
         _attach(state, name, adapter)
         return adapter
+
+    def edit_conflicts(self) -> list[Conflict]:
+        """Pairs of active edits that rewrite the same subject and relation to different objects."""
+        state = self._editpeft
+        return find_conflicts([(n, a.requests) for n, a in state.edits.items() if a.active])
 
 
 def _routed_forward(self, *args, **kwargs):
@@ -228,19 +241,24 @@ def _editable_class(base: type) -> type:
     return cls
 
 
-def enable_editing(model: nn.Module, tokenizer) -> nn.Module:
+def enable_editing(model: nn.Module, tokenizer, *, strict_conflicts: bool | None = None) -> nn.Module:
     """Give ``model`` the edit API (``add_edit``, ``edits``, ``remove_edit``, ...) in place.
 
-    Returns the same object. Calling it twice is harmless (the tokenizer is updated).
+    Returns the same object. Calling it twice is harmless (the tokenizer is updated). With
+    ``strict_conflicts=True`` an edit that contradicts an active one is refused instead of
+    reported with a warning.
     """
     if isinstance(model, EditableMixin):
         model._editpeft.tokenizer = tokenizer
+        if strict_conflicts is not None:
+            model._editpeft.strict_conflicts = strict_conflicts
         return model
     get_arch(model)
     if tokenizer is None:
         raise EditError("enable_editing needs the model's tokenizer")
     model.__class__ = _editable_class(type(model))
     model._editpeft = EditState(model, tokenizer)
+    model._editpeft.strict_conflicts = bool(strict_conflicts)
     return model
 
 
@@ -275,6 +293,9 @@ def _stamp(adapter: EditAdapter, state: EditState, impl, cfg, name: str) -> None
     adapter.base_model = {"name_or_path": getattr(state.model.config, "_name_or_path", None) or getattr(state.model, "name_or_path", None),
                           "model_type": state.model.config.model_type,
                           "fingerprint": state.fingerprint(adapter.targets)}
+    license_ = getattr(state.model, "editpeft_license", None)
+    if license_:
+        adapter.base_model["license"] = license_
     adapter.name = name
 
 
@@ -300,6 +321,19 @@ def _swap(state: EditState, name: str, old: EditAdapter, new: EditAdapter) -> No
         raise
     state.edits[name] = new
     state.reorder_slots()
+
+
+def _report_conflicts(state: EditState, name: str, requests: list[EditRequest]) -> None:
+    """Warn (or, with ``strict_conflicts``, refuse) when ``requests`` contradict an active edit."""
+    groups = [(n, a.requests) for n, a in state.edits.items() if a.active and n != name]
+    conflicts = [c for c in find_conflicts(groups + [(name, requests)]) if c.second[0] == name]
+    if not conflicts:
+        return
+    text = "; ".join(c.describe() for c in conflicts)
+    if state.strict_conflicts:
+        raise EditError(f"edit {name!r} contradicts active edits: {text}. Remove or disable one of them, "
+                        "or set model.edit_state.strict_conflicts = False to only warn")
+    logger.warning("edit %r contradicts active edits: %s", name, text)
 
 
 def _verify_base(state: EditState, adapter: EditAdapter, allow_mismatch: bool) -> None:

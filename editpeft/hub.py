@@ -1,4 +1,14 @@
-"""Hugging Face Hub push/pull of adapter folders, with the real ``huggingface_hub`` client."""
+"""Hugging Face Hub push/pull of adapter folders, with the real ``huggingface_hub`` client.
+
+A repo holds one adapter at its root, or several in sub-folders (``subfolder=`` picks one).
+Downloads go through the Hugging Face cache, so ``HF_HUB_OFFLINE=1`` loads what was fetched
+before. Nothing downloaded is executed or unpickled: the folder is read as JSON + safetensors.
+
+Example:
+    >>> adapter.push_to_hub("user/eiffel-in-rome")                          # doctest: +SKIP
+    >>> push_folder("edits/gold", "user/my-edits", subfolder="gold")        # doctest: +SKIP
+    >>> model.load_edit("user/my-edits", subfolder="gold", revision="main")  # doctest: +SKIP
+"""
 from __future__ import annotations
 
 import tempfile
@@ -7,33 +17,67 @@ from pathlib import Path
 from .errors import AdapterFormatError, EditError
 
 
-def push_adapter(adapter, repo_id: str, *, private: bool | None = None,
-                 commit_message: str | None = None, token: str | None = None) -> str:
+def push_folder(folder: str | Path, repo_id: str, *, subfolder: str | None = None, private: bool | None = None,
+                commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload a saved adapter folder (verified first) to ``repo_id``; returns the commit URL."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .io import read_adapter_files
+    config, _ = read_adapter_files(folder)   # never publish a corrupt folder
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "adapter"
-        adapter.save_pretrained(str(folder))
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                                 commit_message=commit_message or f"Add {adapter.method} edit {adapter.name}")
+    message = commit_message or f"Add {config['method']} edit {config.get('name') or ''}".strip()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), path_in_repo=subfolder or "",
+                                 commit_message=message)
+    except HfHubHTTPError as e:
+        raise EditError(f"pushing to {repo_id!r} failed: {e}") from None
+    except OSError as e:
+        raise EditError(f"pushing to {repo_id!r} failed (network: {e})") from None
     return str(getattr(info, "commit_url", info))
 
 
+def push_adapter(adapter, repo_id: str, *, subfolder: str | None = None, private: bool | None = None,
+                 commit_message: str | None = None, token: str | None = None) -> str:
+    """Save ``adapter`` to a temporary folder and push it (see :func:`push_folder`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "adapter"
+        adapter.save_pretrained(str(folder))
+        return push_folder(folder, repo_id, subfolder=subfolder, private=private,
+                           commit_message=commit_message or f"Add {adapter.method} edit {adapter.name}", token=token)
+
+
 def download_adapter(repo_id: str, *, revision: str | None = None, subfolder: str | None = None) -> Path:
+    """The local folder (in the HF cache) of the adapter in ``repo_id`` (``subfolder`` of it)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-    patterns = [f"{subfolder}/*"] if subfolder else None
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors", "*.md", "*/edit_config.json"]
     try:
         root = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise EditError(f"Hub repo {repo_id!r} does not exist or is private (log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise EditError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         raise EditError(f"{repo_id!r} is not in the local Hugging Face cache and the Hub cannot be "
                         "reached (HF_HUB_OFFLINE or no network)") from None
     except HfHubHTTPError as e:
         raise EditError(f"downloading {repo_id!r} failed: {e}") from None
+    except OSError as e:   # connection reset, truncated transfer
+        raise EditError(f"downloading {repo_id!r} failed (network: {e}); nothing was loaded, try again") from None
+    except Exception as e:  # httpx transport errors are not OSError subclasses
+        if type(e).__module__.startswith(("httpx", "httpcore")):
+            raise EditError(f"downloading {repo_id!r} failed (network: {e}); nothing was loaded, try again") from None
+        raise
     folder = root / subfolder if subfolder else root
-    if not folder.is_dir():
+    if subfolder and not folder.is_dir():
         raise AdapterFormatError(f"Hub repo {repo_id!r} has no adapter folder {subfolder!r}")
+    if not subfolder and not (folder / "edit_config.json").is_file():
+        names = sorted(p.parent.name for p in root.glob("*/edit_config.json"))
+        if names:
+            raise AdapterFormatError(f"Hub repo {repo_id!r} holds several adapters ({', '.join(names)}); "
+                                     "choose one with subfolder=NAME (CLI: REPO --subfolder NAME)")
+        raise AdapterFormatError(f"Hub repo {repo_id!r} holds no editpeft adapter (no edit_config.json)")
     return folder

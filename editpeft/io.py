@@ -140,6 +140,8 @@ def load_adapter(folder: str | os.PathLike) -> EditAdapter:
         why = f" (it failed to load: {info.error})" if info is not None else ""
         raise MethodNotInstalledError(f"adapter {str(folder)!r} needs method {config['method']!r}, which is not "
                                       f"installed{why}; install it with: pip install {dist}")
+    from .card import check_card
+    check_card(Path(folder), config)
     if info.kind != config["kind"]:
         raise AdapterFormatError(f"adapter kind {config['kind']!r} does not match method "
                                  f"{config['method']!r}, which makes {info.kind!r} adapters")

@@ -99,4 +99,5 @@ def load_default_model(device: str | torch.device | None = None, dtype: torch.dt
     if device is not None:
         model.to(device)
     model.eval()
+    model.editpeft_license = "apache-2.0"   # SmolLM2's licence, carried into adapter cards
     return model, tokenizer
