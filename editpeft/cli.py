@@ -7,6 +7,8 @@
     editpeft eval --method rome --method grace --data counterfact.json --n 200 --known-only \
                   --mode sequential --out runs/cf
     editpeft report runs/cf runs/zsre --out runs/all
+    editpeft push edits/eiffel user/my-edits --subfolder eiffel
+    editpeft inspect user/my-edits --subfolder eiffel
     editpeft demo
 """
 from __future__ import annotations
@@ -82,6 +84,55 @@ def cmd_eval(args) -> int:
         print(f"{method}: {s['counts'].get('scored', 0)} cases; reliability "
               + ", ".join(f"{p}={v['mean']:.3f}" for p, v in rel.items() if p in ("token_em", "prob_margin", "gen_em")))
     print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push_folder
+    url = push_folder(args.folder, args.repo_id, subfolder=args.subfolder, private=args.private or None,
+                      commit_message=args.message)
+    print(url)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """Print an adapter's provenance and contents; reads JSON and safetensors only, loads no model."""
+    from .card import check_card
+    from .io import read_adapter_files, resolve_adapter_dir
+    from .registry import method_info
+    folder = resolve_adapter_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    config, tensors = read_adapter_files(folder)      # raises on a hash mismatch
+    base = config.get("base_model") or {}
+    plugin = config.get("plugin") or {}
+    info = method_info(config["method"])
+    installed = "installed" if info is not None and info.loaded else "NOT installed"
+    try:
+        check_card(folder, config)
+        card = "consistent with edit_config.json" if (folder / "README.md").is_file() else "none"
+    except EditError as e:
+        card = f"INCONSISTENT: {e}"
+    print(f"adapter        {folder}")
+    print(f"name           {config.get('name')}")
+    print(f"method         {config['method']} ({config['kind']}), {installed}")
+    print(f"plugin         {plugin.get('distribution')} {plugin.get('version')}")
+    print(f"made with      editpeft {config.get('editpeft_version')} ({config['format']})")
+    print(f"base model     {base.get('name_or_path')} ({base.get('model_type')}), licence {base.get('license')}")
+    print(f"fingerprint    {base.get('fingerprint')}")
+    print(f"tensors sha256 {config.get('tensors_sha256')} (verified)")
+    print(f"model card     {card}")
+    print(f"targets        {', '.join(config['targets'])}")
+    total = 0
+    for key, t in tensors.items():
+        total += t.numel() * t.element_size()
+        print(f"  {key:<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', '')}")
+    print(f"tensor bytes   {total:,}")
+    print(f"hparams        {json.dumps(config['hparams'])}")
+    print(f"requests       {len(config['requests'])}")
+    for r in config["requests"]:
+        old = f"{r.get('target_true')} -> " if r.get("target_true") else ""
+        print(f"  [{r.get('subject')}] {r['prompt']!r}: {old}{r['target_new']!r}")
+    if config.get("metrics"):
+        print("metrics        " + json.dumps(config["metrics"]))
     return 0
 
 
@@ -262,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="passed to from_pretrained, for example bfloat16")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("push", help="upload a saved adapter folder to a Hub model repo")
+    p.add_argument("folder")
+    p.add_argument("repo_id")
+    p.add_argument("--subfolder", help="put it in this sub-folder of the repo (several adapters per repo)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("inspect", help="print an adapter's provenance and contents (no model is loaded)")
+    p.add_argument("adapter", help="adapter folder or Hub repo id")
+    p.add_argument("--revision")
+    p.add_argument("--subfolder")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("report", help="combine evaluation runs (and shards) into one report")
     p.add_argument("runs", nargs="+", help="run folders (OUT or OUT/<method>)")

@@ -76,7 +76,8 @@ class LoopbackHub:
                 self._send(status, json.dumps(obj).encode(), headers)
 
             def _error(self, status: int, code: str, message: str) -> None:
-                self._json(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message})
+                self._json(status, {"error": message}, {"X-Error-Code": code,
+                                                        "X-Error-Message": " ".join(message.split())})
 
             def do_POST(self) -> None:
                 path = unquote(urlparse(self.path).path)
@@ -86,9 +87,19 @@ class LoopbackHub:
                     req = json.loads(body)
                     repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                     if repo_id in hub.repos:
-                        return self._error(409, "RepoExists", "You already created this model repo")
+                        return self._json(409, {"error": "You already created this model repo",
+                                                "url": f"{hub.endpoint}/{repo_id}"}, {"X-Error-Code": "RepoExists"})
                     hub.repos[repo_id] = Repo()
                     return self._json(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
+                if path == "/api/validate-yaml":     # the client checks README front matter before a commit
+                    import yaml
+                    content = json.loads(body).get("content", "")
+                    front = content.split("---")[1] if content.startswith("---") else ""
+                    try:
+                        yaml.safe_load(front)
+                    except yaml.YAMLError as e:
+                        return self._error(400, "InvalidYaml", str(e))
+                    return self._json(200, {"errors": [], "warnings": []})
                 if path.startswith("/api/models/") and "/preupload/" in path:
                     repo_id = path[len("/api/models/"):].split("/preupload/")[0]
                     if repo_id not in hub.repos:

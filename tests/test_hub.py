@@ -1,0 +1,171 @@
+"""Hub round trips with the real huggingface_hub client against a loopback server (no network)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import editpeft
+from editpeft import EditRequest
+from editpeft.cli import main
+
+from conftest import assert_untouched, logits_of, params_snapshot
+from hub_server import LoopbackHub
+
+GRACE = {"layer": 0, "eps_init": 1.0, "steps": 100}
+REQ = EditRequest(prompt="The city that holds the {}", subject="Eiffel Tower", target_new="Rome")
+REQ2 = EditRequest(prompt="The city that holds the {}", subject="Colosseum", target_new="Paris")
+PROMPTS = [REQ.prompt, REQ2.prompt, "Berlin, London, Madrid"]
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    with LoopbackHub() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "hf_loopback")
+        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
+        yield server
+
+
+def test_push_pull_identical_logits_update_and_revision(tiny, hub, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    model, tok = tiny
+    snap = params_snapshot(model)
+    base = logits_of(model, tok, PROMPTS)
+    adapter = model.add_edit("grace", REQ, name="eiffel", config=GRACE)
+    edited = logits_of(model, tok, PROMPTS)
+    url = adapter.push_to_hub("user/eiffel", commit_message="first")
+    first_commit = url.rsplit("/", 1)[-1]
+    model.remove_edit("eiffel")
+    assert torch.equal(logits_of(model, tok, PROMPTS), base)
+
+    loaded = model.load_edit("user/eiffel")
+    assert torch.equal(logits_of(model, tok, PROMPTS), edited)
+    assert loaded.requests == [REQ]
+
+    # a second push (an appended fact) updates the repo; the first revision stays pinned
+    grown = model.add_edit("grace", REQ2, name="eiffel", config=GRACE, append=True)
+    both = logits_of(model, tok, PROMPTS)
+    grown.push_to_hub("user/eiffel")
+    model.remove_edit("eiffel")
+    model.load_edit("user/eiffel")
+    assert torch.equal(logits_of(model, tok, PROMPTS), both)
+    model.remove_edit("eiffel")
+    model.load_edit("user/eiffel", revision=first_commit)
+    assert torch.equal(logits_of(model, tok, PROMPTS), edited)
+    model.remove_edit("eiffel")
+
+    # offline: what was downloaded loads from the local cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model.load_edit("user/eiffel")
+    assert torch.equal(logits_of(model, tok, PROMPTS), both)
+    model.remove_edit("eiffel")
+    with pytest.raises(editpeft.EditError, match="local Hugging Face cache"):
+        model.load_edit("user/never-downloaded")
+    assert_untouched(model, snap)
+
+
+def test_several_adapters_in_one_repo(tiny, hub, tmp_path, capsys):
+    model, tok = tiny
+    a = model.add_edit("grace", REQ, name="eiffel", config=GRACE)
+    b = model.add_edit("grace", REQ2, name="colosseum", config=GRACE)
+    a.push_to_hub("user/edits", subfolder="eiffel")
+    b.save_pretrained(tmp_path / "colosseum")
+    assert main(["push", str(tmp_path / "colosseum"), "user/edits", "--subfolder", "colosseum"]) == 0
+    with_both = logits_of(model, tok, PROMPTS)
+    model.remove_edit("eiffel")
+    model.remove_edit("colosseum")
+    with pytest.raises(editpeft.AdapterFormatError, match="several adapters .*colosseum, eiffel"):
+        model.load_edit("user/edits")
+    model.load_edit("user/edits", subfolder="eiffel")
+    model.load_edit("user/edits", subfolder="colosseum")
+    assert list(model.edits) == ["eiffel", "colosseum"]
+    assert torch.equal(logits_of(model, tok, PROMPTS), with_both)
+
+
+def test_hub_errors_leave_the_model_unchanged(tiny, hub, tmp_path):
+    model, tok = tiny
+    snap = params_snapshot(model)
+    adapter = model.add_edit("grace", REQ, name="eiffel", config=GRACE)
+    adapter.push_to_hub("user/eiffel")
+    model.remove_edit("eiffel")
+    with pytest.raises(editpeft.EditError, match="does not exist"):
+        model.load_edit("user/missing")
+    with pytest.raises(editpeft.EditError, match="no revision"):
+        model.load_edit("user/eiffel", revision="v9")
+    hub.fail_downloads = True
+    with pytest.raises(editpeft.EditError, match="network|failed"):
+        model.load_edit("user/eiffel")
+    hub.fail_downloads = False
+    assert not model.edits
+    assert_untouched(model, snap)
+
+    # tampered tensors on the Hub: the hash check refuses them
+    repo = hub.repos["user/eiffel"]
+    oid, files = repo.commits[-1]
+    blob = bytearray(files["edit_model.safetensors"])
+    blob[-1] ^= 0xFF
+    files = {**files, "edit_model.safetensors": bytes(blob)}
+    repo.commits.append(("f" * 40, files))
+    repo.branches["main"] = "f" * 40
+    with pytest.raises(editpeft.AdapterFormatError, match="corrupt or were modified"):
+        model.load_edit("user/eiffel")
+    assert not model.edits
+    assert_untouched(model, snap)
+
+
+def test_bytes_moved_are_small(tiny, hub):
+    model, tok = tiny
+    adapter = model.add_edit("grace", REQ, name="eiffel", config=GRACE)
+    adapter.push_to_hub("user/eiffel")
+    model.remove_edit("eiffel")
+    model.load_edit("user/eiffel")
+    total = hub.bytes_in + hub.bytes_out
+    assert 0 < total < 50_000, total
+
+
+def test_card_round_trips_through_model_card(tiny, tmp_path):
+    from huggingface_hub import ModelCard
+    model, tok = tiny
+    model.editpeft_license = "apache-2.0"
+    adapter = model.add_edit("grace", REQ, name="eiffel", config=GRACE)
+    adapter.metrics = {"reliability (token_em)": 1.0}
+    adapter.save_pretrained(tmp_path / "e")
+    card = ModelCard.load(tmp_path / "e" / "README.md")
+    assert card.data.library_name == "editpeft" and card.data.license == "apache-2.0"
+    assert {"editpeft", "knowledge-editing", "grace"} <= set(card.data.tags)
+    assert "| Eiffel Tower | The city that holds the Eiffel Tower |  | Rome |" in card.text
+    assert "| reliability (token_em) | 1.0 |" in card.text
+    card.save(tmp_path / "e" / "README.md")
+    model.remove_edit("eiffel")
+    model.load_edit(tmp_path / "e")      # a card re-saved by huggingface_hub still loads
+
+
+def test_card_contradicting_config_is_refused(tiny, tmp_path):
+    model, tok = tiny
+    adapter = model.add_edit("grace", REQ, name="eiffel", config=GRACE)
+    adapter.save_pretrained(tmp_path / "e")
+    model.remove_edit("eiffel")
+    readme = tmp_path / "e" / "README.md"
+    readme.write_text(readme.read_text().replace("library_name: editpeft", "library_name: diffusers"))
+    with pytest.raises(editpeft.AdapterFormatError, match="library_name"):
+        model.load_edit(tmp_path / "e")
+    assert not model.edits
+
+
+def test_inspect_prints_provenance_without_a_model(tiny, tmp_path, capsys):
+    model, tok = tiny
+    adapter = model.add_edit("grace", REQ, name="eiffel", config=GRACE)
+    adapter.save_pretrained(tmp_path / "e")
+    assert main(["inspect", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    cfg = json.loads((tmp_path / "e" / "edit_config.json").read_text())
+    for text in ("grace", "module_hook", cfg["base_model"]["fingerprint"], cfg["tensors_sha256"], "verified",
+                 "Eiffel Tower", "editpeft " + editpeft.__version__):
+        assert text in out
