@@ -47,11 +47,16 @@ class EditState:
         self.strict_conflicts = False
 
     def module(self, name: str) -> nn.Module:
+        """The module ``name``; inside a peft wrapper (LoRA etc.), the wrapped base layer, so edits
+        and peft adapters can be active on the same module."""
         try:
-            return self.model.get_submodule(name)
+            module = self.model.get_submodule(name)
         except AttributeError:
             raise BaseModelMismatchError(f"this model has no module {name!r}; the adapter was made "
                                          "for another architecture") from None
+        while isinstance(getattr(module, "base_layer", None), nn.Module):
+            module = module.base_layer
+        return module
 
     def slot(self, name: str) -> ModuleSlot:
         if name not in self.slots:
