@@ -9,6 +9,7 @@
     editpeft report runs/cf runs/zsre --out runs/all
     editpeft push edits/eiffel user/my-edits --subfolder eiffel
     editpeft inspect user/my-edits --subfolder eiffel
+    editpeft merge --edit edits/eiffel --edit user/my-edits --out merged/
     editpeft demo
 """
 from __future__ import annotations
@@ -133,6 +134,16 @@ def cmd_inspect(args) -> int:
         print(f"  [{r.get('subject')}] {r['prompt']!r}: {old}{r['target_new']!r}")
     if config.get("metrics"):
         print("metrics        " + json.dumps(config["metrics"]))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import save_merged
+    model, tok = _load_model(args.model)
+    for path in args.edit:
+        model.load_edit(path, allow_mismatch=args.allow_mismatch)
+    out = save_merged(model, tok, args.out)
+    print(f"merged {len(args.edit)} edit(s) into {out}")
     return 0
 
 
@@ -327,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     p.add_argument("--subfolder")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("merge", help="bake weight-delta edits into a plain transformers model folder")
+    p.add_argument("--edit", action="append", required=True, help="adapter folder or Hub repo (repeatable, in order)")
+    p.add_argument("--model", help="base model folder (default: the embedded model)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--allow-mismatch", action="store_true")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("report", help="combine evaluation runs (and shards) into one report")
     p.add_argument("runs", nargs="+", help="run folders (OUT or OUT/<method>)")

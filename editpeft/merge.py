@@ -1,0 +1,62 @@
+"""Bake a stack of weight-delta edits into a plain model folder, for serving without editpeft.
+
+The in-memory model is unchanged afterwards (the edits are unmerged again); the folder is a
+normal ``transformers`` checkpoint whose README lists every edit it contains.
+
+Example:
+    >>> save_merged(model, tokenizer, "merged/eiffel")     # all active edits   # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained("merged/eiffel")                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .errors import EditError
+
+
+def save_merged(model, tokenizer, out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
+    """Merge the edits ``names`` (default: every active edit) into the weights and save the model."""
+    state = model.edit_state
+    names = list(names) if names is not None else [n for n, a in state.edits.items() if a.active]
+    if not names:
+        raise EditError("there is no edit to merge; load or add edits first")
+    adapters = []
+    for n in names:
+        if n not in state.edits:
+            raise EditError(f"no edit named {n!r}; edits on this model: {', '.join(state.edits) or 'none'}")
+        a = state.edits[n]
+        if a.kind != "weight_delta":
+            raise EditError(f"edit {n!r} is a {a.kind} adapter ({a.method}); only weight deltas can be merged "
+                            "into a plain model. Leave it out, or serve it with editpeft")
+        adapters.append(a)
+    out = Path(out_dir)
+    newly = [a for a in adapters if not a.merged]
+    for a in newly:
+        a.merge()
+    try:
+        # other edits must not leak in through their hooks: the saved weights are what is merged
+        model.save_pretrained(out)
+    finally:
+        for a in reversed(newly):
+            a.unmerge()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    _write_card(out, model, adapters)
+    return out
+
+
+def _write_card(out: Path, model, adapters) -> None:
+    base = getattr(model.config, "_name_or_path", "") or ""
+    lines = ["---", "library_name: transformers", "tags: [editpeft, knowledge-editing, merged]"]
+    if base:
+        lines.append(f"base_model: {json.dumps(base)}")
+    lines += ["---", "", f"# {base or 'model'} with {len(adapters)} merged editpeft edit(s)", "",
+              "The weight deltas below are baked into the weights; load it with plain transformers.", "",
+              "| edit | method | subject | prompt | old | new |", "|---|---|---|---|---|---|"]
+    for a in adapters:
+        for r in a.requests:
+            cells = [a.name or "", a.method, r.subject or "", r.prompt, r.target_true or "", r.target_new]
+            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
