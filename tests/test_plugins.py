@@ -7,7 +7,8 @@ import importlib
 import os
 import subprocess
 import sys
-import textwrap
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,79 +19,21 @@ from editpeft.tokens import greedy_next_tokens, target_token_ids
 
 from conftest import assert_untouched, logits_of, params_snapshot
 
-PYPROJECT = """
-[build-system]
-requires = ["setuptools>=64"]
-build-backend = "setuptools.build_meta"
-[project]
-name = "editpeft-logitbias"
-version = "0.3.1"
-[project.entry-points."editpeft.methods"]
-logit_bias = "editpeft_logitbias:LogitBias"
-broken = "editpeft_logitbias.broken:Missing"
-"""
-
-PLUGIN = '''
-"""A toy router method: adds a bias to the target's logit when the subject appears."""
-from dataclasses import dataclass, field
-import torch
-import editpeft
-
-
-@dataclass
-class BiasConfig(editpeft.MethodConfig):
-    bias: float = field(default=50.0, metadata={"help": "logit added to the target token"})
-
-
-class LogitBiasAdapter(editpeft.RouterAdapter):
-    def __init__(self, trigger, target, **common):
-        super().__init__(**common)
-        self.trigger, self.target = trigger, target
-
-    def state_dict(self):
-        return {"trigger": self.trigger, "target": self.target}
-
-    @classmethod
-    def from_saved(cls, tensors, extra, **common):
-        return cls(tensors["trigger"], tensors["target"], **common)
-
-    def route(self, model, inputs, call_next):
-        out = call_next(inputs)
-        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
-        if ids is None:
-            return out
-        last = mask.sum(1) - 1 if mask is not None else torch.full((ids.shape[0],), ids.shape[1] - 1)
-        trig, n = self.trigger.tolist(), len(self.trigger)
-        logits = out.logits.clone()
-        for row in range(ids.shape[0]):
-            seq = ids[row, : int(last[row]) + 1].tolist()
-            pos = int(last[row]) - (ids.shape[1] - logits.shape[1])  # logits may cover only the tail
-            if pos >= 0 and any(seq[i:i + n] == trig for i in range(len(seq) - n + 1)):
-                logits[row, pos, int(self.target)] += self.hparams["bias"]
-        out.logits = logits
-        return out
-
-
-class LogitBias(editpeft.EditMethod):
-    name, kind, Config, adapter_class = "logit_bias", "router", BiasConfig, LogitBiasAdapter
-
-    def compute(self, model, tokenizer, requests, config):
-        r = requests[0]
-        trigger = tokenizer(" " + r.subject, add_special_tokens=False)["input_ids"]
-        target = tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"][0]
-        return LogitBiasAdapter(torch.tensor(trigger), torch.tensor(target), method=self.name,
-                                hparams=config.to_dict(), requests=list(requests), targets=[])
-'''
+EXAMPLE = Path(__file__).resolve().parents[1] / "plugins" / "example_logitbias"
+BROKEN_ENTRY = 'broken = "editpeft_logitbias.broken:Missing"\n'
 
 
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
-    src = tmp_path_factory.mktemp("plugin_src")
-    (src / "pyproject.toml").write_text(PYPROJECT)
-    pkg = src / "editpeft_logitbias"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(textwrap.dedent(PLUGIN))
-    (pkg / "broken.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
+    """The example plugin of plugins/example_logitbias, installed as its own distribution, plus an
+    entry point that fails to import (added here, not in the example)."""
+    src = tmp_path_factory.mktemp("plugin_src") / "example"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
+    pyproject = (src / "pyproject.toml").read_text()
+    (src / "pyproject.toml").write_text(pyproject.replace('logit_bias = "editpeft_logitbias:LogitBias"\n',
+                                                          'logit_bias = "editpeft_logitbias:LogitBias"\n'
+                                                          + BROKEN_ENTRY))
+    (src / "editpeft_logitbias" / "broken.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
     site = tmp_path_factory.mktemp("plugin_site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(site), str(src)], check=True)
