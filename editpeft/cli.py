@@ -80,6 +80,8 @@ def cmd_eval(args) -> int:
     summaries = evaluate(model, tok, methods, args.data, out=out, mode=args.mode, n=args.n, format=args.format,
                          config=config, batch_size=args.batch_size, checkpoints=checkpoints, protocols=protocols,
                          known_only=args.known_only, shard=shard, overwrite=args.overwrite)
+    if args.save_metrics_to:
+        _save_metrics(args.save_metrics_to, summaries, args.data)
     for method, s in summaries.items():
         rel = s["metrics"].get("reliability", {})
         print(f"{method}: {s['counts'].get('scored', 0)} cases; reliability "
@@ -145,6 +147,23 @@ def cmd_merge(args) -> int:
     out = save_merged(model, tok, args.out)
     print(f"merged {len(args.edit)} edit(s) into {out}")
     return 0
+
+
+def _save_metrics(folder: str, summaries: dict, data: str) -> None:
+    """Write the harness's summary of the adapter's own method into its config and card."""
+    from .io import read_adapter_files, save_metrics
+    config, _ = read_adapter_files(folder)
+    if config["method"] not in summaries:
+        raise EditError(f"--save-metrics-to {folder}: that adapter is a {config['method']!r} edit, but this run "
+                        f"evaluated {', '.join(summaries)}; evaluate --method {config['method']}")
+    s = summaries[config["method"]]
+    metrics: dict = {"data": Path(data).name, "mode": s["settings"]["mode"], "cases": s["counts"].get("scored")}
+    for metric in ("reliability", "generalization", "locality", "portability"):
+        for protocol, v in s["metrics"].get(metric, {}).items():
+            if protocol in ("token_em", "prob_margin", "gen_em"):
+                metrics[f"{metric} ({protocol})"] = round(v["mean"], 4)
+    save_metrics(folder, metrics)
+    print(f"metrics written to {folder}")
 
 
 def cmd_report(args) -> int:
@@ -319,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="i/n: evaluate every n-th case starting at i (merge with `editpeft report`)")
     p.add_argument("--out", required=True, help="run folder; an interrupted run resumes when started again")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    p.add_argument("--save-metrics-to", metavar="DIR",
+                   help="record the measured metrics in this saved adapter's config and model card")
     p.add_argument("--model", help="a transformers model folder or id (default: the embedded model)")
     p.add_argument("--device-map", help="passed to from_pretrained, for example auto")
     p.add_argument("--dtype", help="passed to from_pretrained, for example bfloat16")

@@ -130,6 +130,18 @@ def read_adapter_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict]
     return config, tensors
 
 
+def save_metrics(folder: str | os.PathLike, metrics: dict[str, Any]) -> None:
+    """Record measured ``metrics`` in a saved adapter's config and model card (tensors untouched)."""
+    from .card import render_model_card
+    folder = Path(folder)
+    config, _ = read_adapter_files(folder)
+    config["metrics"] = dict(metrics)
+    _write(folder / (CONFIG_NAME + ".tmp"), json.dumps(config, indent=2, ensure_ascii=False).encode())
+    _write(folder / (README_NAME + ".tmp"), render_model_card(config).encode())
+    os.replace(folder / (CONFIG_NAME + ".tmp"), folder / CONFIG_NAME)
+    os.replace(folder / (README_NAME + ".tmp"), folder / README_NAME)
+
+
 def load_adapter(folder: str | os.PathLike) -> EditAdapter:
     """Build the adapter stored in ``folder`` with its installed method's adapter class."""
     from .registry import method_info

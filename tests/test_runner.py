@@ -162,3 +162,14 @@ def test_cli_eval_and_report(tmp_path, tiny_tokenizer, capsys):
     assert main(["report", str(tmp_path / "run")]) == 0
     assert "| grace (single, cases) |" in capsys.readouterr().out
     assert main(args[:-2] + ["--shard", "3/2", "--out", str(tmp_path / "x")]) != 0
+    # the measured metrics go into a saved adapter's config and card
+    editable = editpeft.enable_editing(model, tiny_tokenizer)
+    adapter = editable.add_edit("grace", EditRequest(prompt="The city that holds the tower", subject="tower",
+                                                     target_new="Rome"), config=GRACE["grace"])
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert main(args + ["--save-metrics-to", str(tmp_path / "adapter")]) == 0
+    cfg = json.loads((tmp_path / "adapter" / "edit_config.json").read_text())
+    assert cfg["metrics"]["reliability (token_em)"] == 1.0 and cfg["metrics"]["cases"] == 4
+    assert "| reliability (token_em) | 1.0 |" in (tmp_path / "adapter" / "README.md").read_text()
+    editable.remove_edit(adapter.name)
+    editable.load_edit(tmp_path / "adapter")        # hash and card still consistent
