@@ -38,6 +38,10 @@ class LowRankDelta:
         if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[1]:
             raise ValueError(f"low-rank factors must be (out, r) and (in, r); got "
                              f"{tuple(self.up.shape)} and {tuple(self.down.shape)}")
+        if not (self.up.is_floating_point() and self.down.is_floating_point()):
+            raise ValueError(f"low-rank factors must be floating point; got {self.up.dtype} and {self.down.dtype}")
+        if not (torch.isfinite(self.up).all() and torch.isfinite(self.down).all()):
+            raise ValueError("low-rank factors contain NaN or inf")
 
     @property
     def rank(self) -> int:

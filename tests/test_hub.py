@@ -169,3 +169,32 @@ def test_inspect_prints_provenance_without_a_model(tiny, tmp_path, capsys):
     for text in ("grace", "module_hook", cfg["base_model"]["fingerprint"], cfg["tensors_sha256"], "verified",
                  "Eiffel Tower", "editpeft " + editpeft.__version__):
         assert text in out
+
+
+def test_wrong_dtype_or_shape_in_a_shared_file_is_refused(tiny, tmp_path):
+    """A file whose hash was recomputed by a tamperer still has to match the model's modules."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    rome = {"layer": 0, "v_steps": 20, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 2000,
+            "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0}
+    model, tok = tiny
+    snap = params_snapshot(model)
+    model.add_edit("rome", REQ, name="r", config=rome).save_pretrained(tmp_path / "r")
+    model.remove_edit("r")
+    for change, message in [(lambda t: t.to(torch.int32), "floating point"),
+                            (lambda t: torch.cat([t, t]), "made for another model")]:
+        folder = tmp_path / f"bad-{message[:5]}"
+        import shutil
+        shutil.copytree(tmp_path / "r", folder)
+        tensors = load_file(folder / "edit_model.safetensors")
+        key = next(k for k in tensors if k.endswith(".up"))
+        tensors[key] = change(tensors[key])
+        save_file(tensors, folder / "edit_model.safetensors")
+        cfg = json.loads((folder / "edit_config.json").read_text())
+        cfg["tensors_sha256"] = hashlib.sha256((folder / "edit_model.safetensors").read_bytes()).hexdigest()
+        (folder / "edit_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(editpeft.AdapterFormatError, match=message):
+            model.load_edit(folder)
+        assert not model.edits
+    assert_untouched(model, snap)
