@@ -173,3 +173,25 @@ def test_cli_eval_and_report(tmp_path, tiny_tokenizer, capsys):
     assert "| reliability (token_em) | 1.0 |" in (tmp_path / "adapter" / "README.md").read_text()
     editable.remove_edit(adapter.name)
     editable.load_edit(tmp_path / "adapter")        # hash and card still consistent
+
+
+def test_cli_takes_the_shard_from_a_distributed_launch(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    """Under `accelerate launch` / torchrun each process evaluates its own shard; report merges them."""
+    from conftest import make_tiny_model
+    from editpeft.cli import main
+    make_tiny_model("llama", tiny_tokenizer).save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    data = tmp_path / "cases.json"
+    records = [{"case_id": i, "prompt": f"The city that holds the {s}", "subject": s, "target_new": t,
+                "ground_truth": "London", "rephrase_prompt": f"About the {s}", "locality_prompt": "Berlin, London",
+                "locality_ground_truth": "Madrid"} for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS))]
+    data.write_text(json.dumps(records))
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        assert main(["eval", "--method", "grace", "--data", str(data), "--model", str(tmp_path / "m"),
+                     "--config", json.dumps(GRACE["grace"]), "--out", str(tmp_path / "run")]) == 0
+        assert (tmp_path / "run" / f"shard-{rank}-of-2" / "grace" / "cases.jsonl").is_file()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "6 cases scored of 6 kept" in capsys.readouterr().out
