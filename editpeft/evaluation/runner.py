@@ -342,9 +342,9 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
         raise EditError("no case to evaluate" + (" (none is known to the model; drop --known-only)" if known_only else ""))
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="editpeft-eval-"))
     results = {}
+    per_method = isinstance(config, dict) and bool(config) and set(config) <= set(methods)
     for method in methods:
-        cfg = config.get(method) if isinstance(config, dict) and method in config and set(config) <= set(methods) \
-            else config
+        cfg = config.get(method) if per_method else config
         settings = RunSettings(method=method, mode=mode, config=cfg, data=data_name, format=fmt, n=n,
                                known_only=known_only, batch_size=batch_size, checkpoints=list(checkpoints),
                                protocols=list(protocols), shard=list(shard),
