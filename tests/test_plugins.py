@@ -86,3 +86,16 @@ def test_cli_methods_sees_plugin_and_reports_broken(plugin_site):
     assert "logit_bias" in out and "editpeft-logitbias 0.3.1" in out
     assert "broken" in out and "FAILED" in out and "broken on purpose" in out
     assert "rome" in out and "grace" in out
+
+
+def test_harness_scores_a_router_edit_on_plain_inputs(plugin_site, tiny):
+    """Router edits rewrite whole inputs, so the harness scores them on ordinary padded
+    sequences rather than packed rows."""
+    from editpeft.evaluation import CaseScorer, EvalCase, Probe
+    model, tok = tiny
+    case = EvalCase("r", (REQ,), locality={"other": (Probe("The chemical symbol for gold is", ()),)})
+    scorer = CaseScorer(model, tok)
+    base = scorer.baseline([case])
+    model.add_edit("logit_bias", REQ, name="bias")
+    (s,) = scorer.score([case], base)
+    assert s["reliability"]["token_em"] == 1.0 and s["locality"]["gen_em"] == 1.0

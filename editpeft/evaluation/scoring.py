@@ -133,7 +133,7 @@ def _keeps_logits(model) -> bool:
 
 
 def _has_router(model) -> bool:
-    state = getattr(model, "_editpeft_state", None)
+    state = getattr(model, "_editpeft", None)
     if state is None or not state.enabled:
         return False
     from ..adapters import RouterAdapter

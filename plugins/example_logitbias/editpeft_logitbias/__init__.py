@@ -1,7 +1,7 @@
 """``logit_bias``: the smallest complete editpeft method, as a template for plugin authors.
 
 When the subject's tokens occur in the input, the adapter adds ``bias`` to the logit of the new
-object's first token at the last position. It is a *router* adapter (the model-level attachment
+object's first token at every position after the subject, until that token appears. It is a *router* adapter (the model-level attachment
 point: it sees the inputs and the outputs of the whole forward), it has one hyper-parameter with
 help text, and its tensors are saved and loaded by editpeft like any other adapter's.
 
@@ -45,18 +45,23 @@ class LogitBiasAdapter(editpeft.RouterAdapter):
         return cls(tensors["trigger"], tensors["target"], **common)
 
     def route(self, model, inputs: dict[str, Any], call_next: Callable[[dict[str, Any]], Any]) -> Any:
+        """Boost the target at every position from the end of the subject until the target appears."""
         out = call_next(inputs)
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if ids is None or (mask is not None and mask.dim() != 2):
             return out
-        last = mask.sum(1) - 1 if mask is not None else torch.full((ids.shape[0],), ids.shape[1] - 1)
-        trig, n = self.trigger.tolist(), len(self.trigger)
+        lengths = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+        trig, n, target = self.trigger.tolist(), len(self.trigger), int(self.target)
+        shift = ids.shape[1] - out.logits.shape[1]          # logits may cover only the tail
         logits = out.logits.clone()
         for row in range(ids.shape[0]):
-            seq = ids[row, : int(last[row]) + 1].tolist()
-            pos = int(last[row]) - (ids.shape[1] - logits.shape[1])  # logits may cover only the tail
-            if pos >= 0 and any(seq[i:i + n] == trig for i in range(len(seq) - n + 1)):
-                logits[row, pos, int(self.target)] += self.hparams["bias"]
+            seq = ids[row, : int(lengths[row])].tolist()
+            ends = [i + n - 1 for i in range(len(seq) - n + 1) if seq[i:i + n] == trig]
+            if not ends:
+                continue
+            stop = next((j - 1 for j in range(ends[0] + 1, len(seq)) if seq[j] == target), len(seq) - 1)
+            for q in range(max(ends[0], shift), stop + 1):
+                logits[row, q - shift, target] += self.hparams["bias"]
         out.logits = logits
         return out
 
