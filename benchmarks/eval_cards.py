@@ -3,6 +3,7 @@ results (date, command, case counts) into the ``results:`` block of each method'
 
     python benchmarks/eval_cards.py                       # all methods, all settings below
     python benchmarks/eval_cards.py --methods grace --settings cf-single zsre-single
+    python benchmarks/eval_cards.py --methods rome --settings zsre-single zsre-sequential --n 50
 
 Runs resume: start the same command again after an interruption and it continues.
 Results go to runs/cards/<setting>/<method>/ and runs/cards/report.md.
@@ -63,17 +64,24 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--out", default="runs/cards")
     ap.add_argument("--no-write", action="store_true", help="do not touch the cards")
+    ap.add_argument("--n", type=int, help="override the number of cases of the chosen settings (runs go to "
+                                           "<setting>-n<N>/; the card records the count)")
     args = ap.parse_args()
     model, tok = editable_default_model()
     methods = args.methods or sorted(editpeft.list_methods())
     out = Path(args.out)
     results: dict[str, dict] = {m: {} for m in methods}
+    folders = []
     for name in args.settings:
         s = dict(SETTINGS[name])
-        summaries = evaluate(model, tok, methods, s.pop("data"), out=out / name, **s)
+        folder = out / name
+        if args.n is not None:
+            s["n"], folder = args.n, out / f"{name}-n{args.n}"
+        folders.append(folder)
+        summaries = evaluate(model, tok, methods, s.pop("data"), out=folder, **s)
         for method, summary in summaries.items():
             results[method][name] = _compact(summary)
-    write_report([out / name for name in args.settings], out)
+    write_report(folders, out)
     print((out / "report.md").read_text())
     if args.no_write:
         return
