@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
@@ -162,6 +163,11 @@ class WeightDeltaAdapter(EditAdapter):
         super().detach(state)
         self._live.clear()
         self._state = None
+
+    def to_peft_lora(self, path: str | os.PathLike) -> str:
+        """Write this edit as a standard PEFT LoRA adapter folder (see :mod:`editpeft.lora_export`)."""
+        from .lora_export import export_peft_lora
+        return str(export_peft_lora([self], path))
 
     def merge(self) -> None:
         """Bake the deltas into the module weights (the hook is then skipped)."""

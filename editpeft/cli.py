@@ -10,6 +10,7 @@
     editpeft push edits/eiffel user/my-edits --subfolder eiffel
     editpeft inspect user/my-edits --subfolder eiffel
     editpeft merge --edit edits/eiffel --edit user/my-edits --out merged/
+    editpeft export-lora --edit edits/eiffel --out lora/eiffel
     editpeft demo
 """
 from __future__ import annotations
@@ -164,6 +165,16 @@ def _save_metrics(folder: str, summaries: dict, data: str) -> None:
                 metrics[f"{metric} ({protocol})"] = round(v["mean"], 4)
     save_metrics(folder, metrics)
     print(f"metrics written to {folder}")
+
+
+def cmd_export_lora(args) -> int:
+    """Export saved weight-delta adapters (summed, in order) as one PEFT LoRA folder; no model is loaded."""
+    from .io import load_adapter, resolve_adapter_dir
+    from .lora_export import export_peft_lora
+    adapters = [load_adapter(resolve_adapter_dir(e)) for e in args.edit]
+    out = export_peft_lora(adapters, args.out, base_model_name_or_path=args.base_model)
+    print(f"wrote a PEFT LoRA adapter to {out} (load it with peft.PeftModel.from_pretrained)")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -366,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--allow-mismatch", action="store_true")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export-lora", help="export weight-delta edits as a standard PEFT LoRA adapter")
+    p.add_argument("--edit", action="append", required=True, help="adapter folder or Hub repo (repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-model", help="base_model_name_or_path to record (default: the adapters')")
+    p.set_defaults(func=cmd_export_lora)
 
     p = sub.add_parser("report", help="combine evaluation runs (and shards) into one report")
     p.add_argument("runs", nargs="+", help="run folders (OUT or OUT/<method>)")

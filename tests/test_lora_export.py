@@ -1,0 +1,71 @@
+"""Weight-delta edits exported as a standard PEFT LoRA adapter reproduce editpeft's logits."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import editpeft
+import editpeft.lora_export
+from editpeft import EditRequest
+from editpeft.cli import main
+
+from conftest import FAMILIES, logits_of, make_tiny_model
+
+ROME = {"layer": 0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 4000,
+        "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0}
+A = EditRequest(prompt="The city that holds the {}", subject="Eiffel Tower", target_new="Rome")
+B = EditRequest(prompt="The city that holds the {}", subject="Colosseum", target_new="Paris")
+PROMPTS = [A.prompt, B.prompt, "Berlin, London, Madrid"]
+
+
+@pytest.mark.parametrize("tiny", FAMILIES, indirect=True)
+def test_exported_lora_reproduces_the_stack(tiny, tmp_path):
+    from peft import PeftModel
+    model, tok = tiny
+    a = model.add_edit("rome", A, name="a", config=ROME)
+    b = model.add_edit("rome", B, name="b", config=ROME)     # the same module: ranks concatenate
+    edited = logits_of(model, tok, PROMPTS)
+    editpeft.lora_export.export_peft_lora([a, b], tmp_path / "lora")
+    fresh = make_tiny_model(model.config.model_type, tok)       # same seed: the same base weights
+    peft_model = PeftModel.from_pretrained(fresh, tmp_path / "lora")
+    torch.testing.assert_close(logits_of(peft_model, tok, PROMPTS), edited, atol=1e-5, rtol=0)
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == a.deltas[next(iter(a.deltas))].rank * 2
+
+
+def test_loads_with_plain_peft_in_a_process_without_editpeft(tiny_tokenizer, tmp_path):
+    model = editpeft.enable_editing(make_tiny_model("llama", tiny_tokenizer), tiny_tokenizer)
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    model.add_edit("rome", A, name="a", config=ROME).to_peft_lora(tmp_path / "lora")
+    torch.save(logits_of(model, tiny_tokenizer, PROMPTS), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+sys.modules["editpeft"] = None          # importing editpeft would fail here
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+tok = AutoTokenizer.from_pretrained({str(tmp_path / 'base')!r})
+m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r}), {str(tmp_path / 'lora')!r})
+enc = tok({PROMPTS!r}, return_tensors="pt", padding=True)
+got = m(**enc).logits
+want = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+mask = enc["attention_mask"].bool()
+assert torch.allclose(got[mask], want[mask], atol=1e-5), (got[mask] - want[mask]).abs().max()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_cli_export_and_refusals(tiny, tmp_path, capsys):
+    model, tok = tiny
+    model.add_edit("rome", A, name="a", config=ROME).save_pretrained(tmp_path / "a")
+    assert main(["export-lora", "--edit", str(tmp_path / "a"), "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    g = model.add_edit("grace", B, name="g", config={"layer": 0})
+    with pytest.raises(editpeft.EditError, match="only weight deltas"):
+        editpeft.lora_export.export_peft_lora([g], tmp_path / "x")
