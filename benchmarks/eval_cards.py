@@ -26,6 +26,7 @@ from editpeft.evaluation import evaluate, write_report
 ZSRE = DATA / "portability" / "zsre_one_hop.json"
 SETTINGS = {
     "cf-single": dict(data=COUNTERFACT, known_only=True, n=None, mode="single"),
+    "cf-batch": dict(data=COUNTERFACT, known_only=True, n=None, mode="batch", batch_size=100),
     "cf-sequential": dict(data=COUNTERFACT, known_only=True, n=None, mode="sequential", checkpoints=[1, 10, 50, 100]),
     "zsre-single": dict(data=ZSRE, known_only=False, n=200, mode="single"),
     "zsre-sequential": dict(data=ZSRE, known_only=False, n=100, mode="sequential", checkpoints=[1, 10, 50, 100]),

@@ -140,6 +140,22 @@ def output_edit(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], to
         handle.remove()
 
 
+@contextmanager
+def temporary_deltas(model: nn.Module, deltas: "dict[str, LowRankDelta]") -> Iterator[None]:
+    """Apply low-rank deltas to named modules for the duration of the block (used while an edit is
+    being computed on top of its own earlier parts: ROME's later requests, MEMIT's later layers)."""
+    handles = []
+    try:
+        for name, delta in deltas.items():
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, d=delta: out + (args[0] @ d.down.to(args[0])) @ d.up.to(args[0]).T))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def as_btd(acts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Captured activations as (batch, seq, dim); some families (OPT) flatten to (batch*seq, dim)."""
     return acts.reshape(input_ids.shape[0], input_ids.shape[1], acts.shape[-1])

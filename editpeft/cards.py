@@ -63,6 +63,9 @@ def card_hparams(method: str, model, layer_fields: Iterable[str] = ()) -> dict[s
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     if tuned_layers and n_layers and tuned_layers != n_layers:
         for name in layer_fields:
+            if isinstance(hp.get(name), list) and all(isinstance(x, int) for x in hp[name]):
+                hp[name] = sorted({min(n_layers - 1, round(x * n_layers / tuned_layers)) for x in hp[name]})
+                continue
             if isinstance(hp.get(name), int):
                 scaled = min(n_layers - 1, round(hp[name] * n_layers / tuned_layers))
                 logger.info("card %s tuned %s=%d on %d layers; using %d for this %d-layer model",

@@ -81,6 +81,16 @@ def subject_keys(model, tokenizer, module_name: str, requests: Sequence[EditRequ
 
     Returns a (len(requests), in_features) float32 tensor.
     """
+    return subject_activations(model, tokenizer, module_name, requests, templates, "input")
+
+
+def subject_activations(model, tokenizer, module_name: str, requests: Sequence[EditRequest],
+                        templates: Sequence[str], which: str = "input") -> torch.Tensor:
+    """A module's input (``which="input"``) or output (``"output"``; the hidden states of a
+    decoder block) at each request's subject's last token, averaged over ``templates``.
+
+    Returns a (len(requests), dim) float32 tensor.
+    """
     module = model.get_submodule(module_name)
     texts, spans = [], []
     for r in requests:
@@ -90,7 +100,8 @@ def subject_keys(model, tokenizer, module_name: str, requests: Sequence[EditRequ
             spans.append(span)
     batch = TargetBatch.build(tokenizer, texts, subject_spans=spans, device=next(model.parameters()).device)
     captured: list = []
-    with torch.no_grad(), capture_inputs(module, captured), stop_after(module):
+    grab = capture_inputs(module, captured) if which == "input" else _capture_outputs(module, captured)
+    with torch.no_grad(), grab, stop_after(module):
         try:
             model(**batch.model_inputs(), use_cache=False)
         except StopForward:
@@ -99,6 +110,20 @@ def subject_keys(model, tokenizer, module_name: str, requests: Sequence[EditRequ
     rows = torch.arange(len(texts), device=acts.device)
     at_subject = acts[rows, torch.tensor(batch.subject_last, device=acts.device)].float()
     return at_subject.view(len(requests), len(templates), -1).mean(1)
+
+
+class _capture_outputs:
+    def __init__(self, module, store: list):
+        self.module, self.store, self.handle = module, store, None
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(
+            lambda m, args, out: self.store.append(out[0] if isinstance(out, tuple) else out))
+        return self.store
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
 
 
 def forward_logits(model, batch: TargetBatch, positions: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ CONFIGS = {
     "rome": {"layer": 0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 4000,
              "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0},
     "grace": {"layer": 0, "eps_init": 1.0, "steps": 100},
+    "memit": {"layers": [0, 1], "mom2_update_weight": 1.0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0,
+              "stats_tokens": 4000, "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0},
 }
 # In a random 2-layer model attention cannot carry an edit from a mid-prompt subject to the last
 # position, so the tiny-model request ends with its subject (SmolLM2 tests cover mid-prompt subjects).
@@ -23,7 +25,7 @@ OTHER = ["The chemical symbol for gold is", "Berlin, London, Madrid"]
 
 
 @pytest.mark.parametrize("tiny", FAMILIES, indirect=True)
-@pytest.mark.parametrize("method", ["rome", "grace"])
+@pytest.mark.parametrize("method", ["rome", "grace", "memit"])
 def test_edit_toggle_save_load(tiny, method, tmp_path):
     model, tok = tiny
     prompts = [REQUEST.prompt] + OTHER

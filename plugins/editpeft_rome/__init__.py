@@ -37,7 +37,7 @@ import torch
 import editpeft
 from editpeft import EditRequest, MethodConfig, WeightDeltaAdapter
 from editpeft.arch import get_arch
-from editpeft.attach import LowRankDelta, output_edit
+from editpeft.attach import LowRankDelta, temporary_deltas
 from editpeft.corpus import CORPORA
 from editpeft.errors import EditOptimizationError
 from editpeft.locate import context_templates, optimize_value, subject_keys
@@ -84,12 +84,12 @@ class Rome(editpeft.EditMethod):
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: RomeConfig) -> WeightDeltaAdapter:
         require_subjects(requests, self.name)
         target = get_arch(model).mlp_out_name(config.layer)
-        module = model.get_submodule(target)
         mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
         templates = context_templates(model, tokenizer, config.context_lengths, config.seed)
         ups, downs = [], []
         for request in requests:
-            with _partial_update(module, ups, downs):
+            earlier = {target: LowRankDelta(torch.stack(ups, 1), torch.stack(downs, 1))} if ups else {}
+            with temporary_deltas(model, earlier):
                 key = subject_keys(model, tokenizer, target, [request], templates)[0]
                 value = optimize_value(model, tokenizer, target, request, templates, steps=config.v_steps,
                                        lr=config.v_lr, kl_factor=config.kl_factor,
@@ -113,23 +113,3 @@ def rank_one_direction(mom2: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         raise EditOptimizationError("the key statistics are singular for this key; use more "
                                     "stats_tokens or another layer. The model was left unchanged.")
     return (c_inv_k / denom).float()
-
-
-class _partial_update:
-    """While computing request i, apply the rank-one updates of requests 0..i-1 as a hook."""
-
-    def __init__(self, module, ups, downs):
-        self.module, self.ups, self.downs, self.ctx = module, ups, downs, None
-
-    def __enter__(self):
-        if self.ups:
-            up = torch.stack(self.ups, 1)
-            down = torch.stack(self.downs, 1)
-            self.ctx = output_edit(self.module, lambda x, out: out + (x @ down.to(x)) @ up.to(x).T)
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False

@@ -1,0 +1,120 @@
+"""MEMIT — Mass-Editing Memory in a Transformer.
+
+Meng, Sharma, Andonian, Belinkov, Bau. "Mass-Editing Memory in a Transformer", ICLR 2023
+(arXiv:2210.07229).
+
+Many facts at once, spread over a range of MLP output projections W^l, l ∈ R = {l_1 < … < l_L}:
+
+1. **Target hidden states** (§4.2, Eq. 16): for each fact i, z_i = h_i^{L} + δ_i, where h^L is the
+   output of the last critical block at the subject's last token and δ_i is optimised exactly like
+   ROME's value (target NLL + KL essence + weight decay, norm clamp) — the shared
+   :func:`editpeft.locate.optimize_value`, applied at the last layer's MLP output (which adds to h^L).
+2. **Layer by layer** (Alg. 1), for l = l_1 … l_L on the model already carrying the updates of the
+   lower layers: keys K^l = [k_i^l] (the input of W^l at the subject, averaged over context
+   prefixes), residuals R^l = (z_i − h_i^L) / (L − l + 1) (the remaining error spread evenly over
+   the layers still to edit), and the update (Eq. 14)
+   ``ΔW^l = R^l (K^l)ᵀ (λ C^l + K^l (K^l)ᵀ)⁻¹`` with C^l = E[k kᵀ] (``editpeft.stats``) and the
+   mom2 weight λ.
+3. The adapter stores per layer the factor pair ``up = R^l`` (out × n), ``down = (λ C^l + K Kᵀ)⁻¹ K``
+   (in × n): rank n = number of edits, never a dense matrix.
+
+Example:
+    >>> model.add_edit("memit", requests, name="batch-1")        # a list of EditRequests  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+import editpeft
+from editpeft import EditRequest, MethodConfig, WeightDeltaAdapter
+from editpeft.arch import get_arch
+from editpeft.attach import LowRankDelta, temporary_deltas
+from editpeft.corpus import CORPORA
+from editpeft.errors import EditOptimizationError
+from editpeft.locate import context_templates, optimize_value, subject_activations, subject_keys
+from editpeft.method import check
+from editpeft.request import require_subjects
+from editpeft.stats import second_moment
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MemitConfig(MethodConfig):
+    layers: list = field(default_factory=lambda: [2, 3, 4],
+                         metadata={"help": "decoder blocks whose MLP output projections are edited (ascending)"})
+    mom2_update_weight: float = field(default=3000.0, metadata={"help": "λ: weight of the key statistics C"})
+    v_steps: int = field(default=25, metadata={"help": "maximum gradient steps of each target optimisation"})
+    v_lr: float = field(default=2.0, metadata={"help": "Adam learning rate of the target optimisation"})
+    v_weight_decay: float = field(default=0.5, metadata={"help": "weight of |delta|/|v|^2 in the loss"})
+    kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL essence term"})
+    clamp_norm_factor: float = field(default=4.0, metadata={"help": "|delta| <= factor * |v|"})
+    stop_nll: float = field(default=0.05, metadata={"help": "stop once the target's NLL is below this"})
+    context_lengths: list = field(default_factory=lambda: [[5, 5]],
+                                  metadata={"help": "[[tokens, count], ...] of sampled context prefixes"})
+    stats_corpus: str = field(default="pydoc", metadata={"help": f"corpus of the key statistics: {CORPORA}"})
+    stats_tokens: int = field(default=40_000, metadata={"help": "tokens used for the key statistics"})
+    seed: int = field(default=0, metadata={"help": "seed of the context-prefix sampling"})
+
+    layer_fields = ("layers",)
+
+    def validate(self) -> None:
+        check(isinstance(self.layers, list) and self.layers and all(isinstance(x, int) and x >= 0 for x in self.layers),
+              f"layers must be a non-empty list of non-negative ints, got {self.layers!r}")
+        check(self.layers == sorted(set(self.layers)), "layers must be ascending and distinct")
+        check(self.mom2_update_weight > 0, "mom2_update_weight must be > 0")
+        check(self.v_steps >= 1, "v_steps must be >= 1")
+        check(self.v_lr > 0, "v_lr must be > 0")
+        check(self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0")
+        check(self.stats_corpus in CORPORA, f"stats_corpus must be one of {CORPORA}")
+        check(self.stats_tokens >= 1000, "stats_tokens must be >= 1000")
+
+
+class Memit(editpeft.EditMethod):
+    name = "memit"
+    kind = "weight_delta"
+    Config = MemitConfig
+
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MemitConfig) -> WeightDeltaAdapter:
+        require_subjects(requests, self.name)
+        arch = get_arch(model)
+        layers = [arch.check_layer(l) for l in config.layers]
+        targets = [arch.mlp_out_name(l) for l in layers]
+        last_block = arch.layer_name(layers[-1])
+        templates = context_templates(model, tokenizer, config.context_lengths, config.seed)
+        # 1. target hidden states z_i = h_i^L + delta_i, each optimised on the unedited model
+        deltas = []
+        for r in requests:
+            v = optimize_value(model, tokenizer, targets[-1], r, templates, steps=config.v_steps, lr=config.v_lr,
+                               kl_factor=config.kl_factor, weight_decay=config.v_weight_decay,
+                               clamp_norm_factor=config.clamp_norm_factor, stop_nll=config.stop_nll)
+            deltas.append(v.delta.float())
+            logger.info("memit %r -> %r: nll %.3f after %d steps", r.prompt, r.target_new, v.nll, v.steps)
+        z = subject_activations(model, tokenizer, last_block, requests, templates, "output") + torch.stack(deltas)
+        # 2. layer by layer, on the model carrying the lower layers' updates
+        done: dict[str, LowRankDelta] = {}
+        for i, (layer, target) in enumerate(zip(layers, targets)):
+            with temporary_deltas(model, done):
+                keys = subject_keys(model, tokenizer, target, requests, templates)              # (n, in)
+                current = subject_activations(model, tokenizer, last_block, requests, templates, "output")
+            resid = (z - current) / (len(layers) - i)                                           # (n, out)
+            mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
+            down = spread_direction(mom2.to(keys.device), keys, config.mom2_update_weight)     # (in, n)
+            done[target] = LowRankDelta(resid.T.contiguous().cpu(), down.cpu())
+            logger.info("memit layer %d: mean |residual| %.3f", layer, float(resid.norm(dim=1).mean()))
+        return WeightDeltaAdapter(done, method=self.name, hparams=config.to_dict(), requests=list(requests),
+                                  targets=targets)
+
+
+def spread_direction(mom2: torch.Tensor, keys: torch.Tensor, weight: float) -> torch.Tensor:
+    """(λ C + K Kᵀ)⁻¹ K for keys K (n × in rows): the 'down' factor of MEMIT's update (Eq. 14)."""
+    k = keys.double().T                                                   # (in, n)
+    down = torch.linalg.solve(weight * mom2.double() + k @ k.T, k)
+    if not torch.isfinite(down).all():
+        raise EditOptimizationError("the key statistics are singular; use more stats_tokens or other layers. "
+                                    "The model was left unchanged.")
+    return down.float()
