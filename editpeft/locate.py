@@ -16,14 +16,16 @@ from __future__ import annotations
 import inspect
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .attach import StopForward, as_btd, capture_inputs, output_edit, stop_after
+from .corpus import CORPORA
 from .errors import EditOptimizationError
+from .method import MethodConfig, check
 from .request import EditRequest
 from .tokens import TargetBatch
 
@@ -134,6 +136,38 @@ def forward_logits(model, batch: TargetBatch, positions: torch.Tensor) -> torch.
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         return model(**inputs, logits_to_keep=positions).logits
     return model(**inputs).logits[:, positions]
+
+
+@dataclass
+class LocateEditConfig(MethodConfig):
+    """Hyper-parameters every locate-then-edit method shares: the target-value optimisation
+    (:func:`optimize_value`), the context prefixes and the key statistics."""
+
+    v_steps: int = field(default=25, metadata={"help": "maximum gradient steps of the value optimisation"})
+    v_lr: float = field(default=2.0, metadata={"help": "Adam learning rate of the value optimisation"})
+    v_weight_decay: float = field(default=0.5, metadata={"help": "weight of |delta|/|v|^2 in the loss"})
+    kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL essence term"})
+    clamp_norm_factor: float = field(default=4.0, metadata={"help": "|delta| <= factor * |v|"})
+    stop_nll: float = field(default=0.05, metadata={"help": "stop once the target's NLL is below this"})
+    context_lengths: list = field(default_factory=lambda: [[5, 5]],
+                                  metadata={"help": "[[tokens, count], ...] of sampled context prefixes"})
+    stats_corpus: str = field(default="pydoc", metadata={"help": f"corpus of the key statistics: {CORPORA}"})
+    stats_tokens: int = field(default=40_000, metadata={"help": "tokens used for the key statistics"})
+    seed: int = field(default=0, metadata={"help": "seed of the context-prefix sampling"})
+
+    def validate(self) -> None:
+        check(self.v_steps >= 1, "v_steps must be >= 1")
+        check(self.v_lr > 0, "v_lr must be > 0")
+        check(self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0")
+        check(self.stats_corpus in CORPORA, f"stats_corpus must be one of {CORPORA}")
+        check(self.stats_tokens >= 1000, "stats_tokens must be >= 1000")
+        check(all(len(p) == 2 and p[0] >= 1 and p[1] >= 0 for p in self.context_lengths),
+              "context_lengths must be [[tokens, count], ...]")
+
+    def value_options(self) -> dict:
+        """Keyword arguments of :func:`optimize_value`."""
+        return dict(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor, weight_decay=self.v_weight_decay,
+                    clamp_norm_factor=self.clamp_norm_factor, stop_nll=self.stop_nll)
 
 
 @dataclass

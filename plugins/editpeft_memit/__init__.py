@@ -30,12 +30,11 @@ from typing import Sequence
 import torch
 
 import editpeft
-from editpeft import EditRequest, MethodConfig, WeightDeltaAdapter
+from editpeft import EditRequest, WeightDeltaAdapter
 from editpeft.arch import get_arch
 from editpeft.attach import LowRankDelta, temporary_deltas
-from editpeft.corpus import CORPORA
 from editpeft.errors import EditOptimizationError
-from editpeft.locate import context_templates, optimize_value, subject_activations, subject_keys
+from editpeft.locate import LocateEditConfig, context_templates, optimize_value, subject_activations, subject_keys
 from editpeft.method import check
 from editpeft.request import require_subjects
 from editpeft.stats import second_moment
@@ -44,34 +43,19 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MemitConfig(MethodConfig):
+class MemitConfig(LocateEditConfig):
     layers: list = field(default_factory=lambda: [2, 3, 4],
                          metadata={"help": "decoder blocks whose MLP output projections are edited (ascending)"})
     mom2_update_weight: float = field(default=3000.0, metadata={"help": "λ: weight of the key statistics C"})
-    v_steps: int = field(default=25, metadata={"help": "maximum gradient steps of each target optimisation"})
-    v_lr: float = field(default=2.0, metadata={"help": "Adam learning rate of the target optimisation"})
-    v_weight_decay: float = field(default=0.5, metadata={"help": "weight of |delta|/|v|^2 in the loss"})
-    kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL essence term"})
-    clamp_norm_factor: float = field(default=4.0, metadata={"help": "|delta| <= factor * |v|"})
-    stop_nll: float = field(default=0.05, metadata={"help": "stop once the target's NLL is below this"})
-    context_lengths: list = field(default_factory=lambda: [[5, 5]],
-                                  metadata={"help": "[[tokens, count], ...] of sampled context prefixes"})
-    stats_corpus: str = field(default="pydoc", metadata={"help": f"corpus of the key statistics: {CORPORA}"})
-    stats_tokens: int = field(default=40_000, metadata={"help": "tokens used for the key statistics"})
-    seed: int = field(default=0, metadata={"help": "seed of the context-prefix sampling"})
 
     layer_fields = ("layers",)
 
     def validate(self) -> None:
+        super().validate()
         check(isinstance(self.layers, list) and self.layers and all(isinstance(x, int) and x >= 0 for x in self.layers),
               f"layers must be a non-empty list of non-negative ints, got {self.layers!r}")
         check(self.layers == sorted(set(self.layers)), "layers must be ascending and distinct")
         check(self.mom2_update_weight > 0, "mom2_update_weight must be > 0")
-        check(self.v_steps >= 1, "v_steps must be >= 1")
-        check(self.v_lr > 0, "v_lr must be > 0")
-        check(self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0")
-        check(self.stats_corpus in CORPORA, f"stats_corpus must be one of {CORPORA}")
-        check(self.stats_tokens >= 1000, "stats_tokens must be >= 1000")
 
 
 class Memit(editpeft.EditMethod):
@@ -89,9 +73,7 @@ class Memit(editpeft.EditMethod):
         # 1. target hidden states z_i = h_i^L + delta_i, each optimised on the unedited model
         deltas = []
         for r in requests:
-            v = optimize_value(model, tokenizer, targets[-1], r, templates, steps=config.v_steps, lr=config.v_lr,
-                               kl_factor=config.kl_factor, weight_decay=config.v_weight_decay,
-                               clamp_norm_factor=config.clamp_norm_factor, stop_nll=config.stop_nll)
+            v = optimize_value(model, tokenizer, targets[-1], r, templates, **config.value_options())
             deltas.append(v.delta.float())
             logger.info("memit %r -> %r: nll %.3f after %d steps", r.prompt, r.target_new, v.nll, v.steps)
         z = subject_activations(model, tokenizer, last_block, requests, templates, "output") + torch.stack(deltas)

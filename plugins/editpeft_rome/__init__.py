@@ -35,12 +35,11 @@ from typing import Sequence
 import torch
 
 import editpeft
-from editpeft import EditRequest, MethodConfig, WeightDeltaAdapter
+from editpeft import EditRequest, WeightDeltaAdapter
 from editpeft.arch import get_arch
 from editpeft.attach import LowRankDelta, temporary_deltas
-from editpeft.corpus import CORPORA
 from editpeft.errors import EditOptimizationError
-from editpeft.locate import context_templates, optimize_value, subject_keys
+from editpeft.locate import LocateEditConfig, context_templates, optimize_value, subject_keys
 from editpeft.method import check
 from editpeft.request import require_subjects
 from editpeft.stats import second_moment
@@ -49,31 +48,14 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RomeConfig(MethodConfig):
+class RomeConfig(LocateEditConfig):
     layer: int = field(default=3, metadata={"help": "decoder block whose MLP output projection is edited"})
-    v_steps: int = field(default=25, metadata={"help": "maximum gradient steps of the value optimisation"})
-    v_lr: float = field(default=2.0, metadata={"help": "Adam learning rate of the value optimisation"})
-    v_weight_decay: float = field(default=0.5, metadata={"help": "weight of |delta|/|v|^2 in the loss"})
-    kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL essence term"})
-    clamp_norm_factor: float = field(default=4.0, metadata={"help": "|delta| <= factor * |v|"})
-    stop_nll: float = field(default=0.05, metadata={"help": "stop once the target's NLL is below this"})
-    context_lengths: list = field(default_factory=lambda: [[5, 5]],
-                                  metadata={"help": "[[tokens, count], ...] of sampled context prefixes"})
-    stats_corpus: str = field(default="pydoc", metadata={"help": f"corpus of the key statistics: {CORPORA}"})
-    stats_tokens: int = field(default=40_000, metadata={"help": "tokens used for the key statistics"})
-    seed: int = field(default=0, metadata={"help": "seed of the context-prefix sampling"})
 
     layer_fields = ("layer",)
 
     def validate(self) -> None:
+        super().validate()
         check(isinstance(self.layer, int) and self.layer >= 0, f"layer must be a non-negative int, got {self.layer!r}")
-        check(self.v_steps >= 1, "v_steps must be >= 1")
-        check(self.v_lr > 0, "v_lr must be > 0")
-        check(self.clamp_norm_factor > 0, "clamp_norm_factor must be > 0")
-        check(self.stats_corpus in CORPORA, f"stats_corpus must be one of {CORPORA}")
-        check(self.stats_tokens >= 1000, "stats_tokens must be >= 1000")
-        check(all(len(p) == 2 and p[0] >= 1 and p[1] >= 0 for p in self.context_lengths),
-              "context_lengths must be [[tokens, count], ...]")
 
 
 class Rome(editpeft.EditMethod):
@@ -91,10 +73,7 @@ class Rome(editpeft.EditMethod):
             earlier = {target: LowRankDelta(torch.stack(ups, 1), torch.stack(downs, 1))} if ups else {}
             with temporary_deltas(model, earlier):
                 key = subject_keys(model, tokenizer, target, [request], templates)[0]
-                value = optimize_value(model, tokenizer, target, request, templates, steps=config.v_steps,
-                                       lr=config.v_lr, kl_factor=config.kl_factor,
-                                       weight_decay=config.v_weight_decay,
-                                       clamp_norm_factor=config.clamp_norm_factor, stop_nll=config.stop_nll)
+                value = optimize_value(model, tokenizer, target, request, templates, **config.value_options())
             down = rank_one_direction(mom2.to(key.device), key)
             ups.append(value.delta.float())
             downs.append(down)
