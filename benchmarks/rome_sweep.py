@@ -1,15 +1,17 @@
-"""Sweep a locate-then-edit method's layer (and optional overrides) on known CounterFact cases,
-through the evaluation harness.
+"""Sweep hyper-parameters of a method on known CounterFact cases, through the evaluation harness.
 
     python benchmarks/rome_sweep.py --layers 2 3 4 6 8 --n 20 --config '{"v_lr": 2.0}'
+    python benchmarks/rome_sweep.py --method memit --mode batch --n 47 \\
+        --grid '[{"layers": [2, 3, 4], "mom2_update_weight": 1000}, {"layers": [3, 4, 5, 6]}]'
 
-Prints one row per layer: reliability / generalization / locality (token_em), median seconds
-per edit. Each layer's run is kept (and resumed) under runs/sweep/<method>-layer<L>/.
+Prints one row per setting: reliability / generalization / locality (token_em) and median
+seconds per edit. Each run is kept (and resumed) under runs/sweep/<method>-<setting>/.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 
 from common import COUNTERFACT, editable_default_model, print_table
 
@@ -18,20 +20,26 @@ from editpeft.evaluation import evaluate
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 3, 4, 6, 8])
+    ap.add_argument("--layers", type=int, nargs="*", default=[], help="single-layer settings ({'layer': L})")
+    ap.add_argument("--grid", default="[]", help="JSON list of config overrides, one setting each")
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--config", default="{}")
+    ap.add_argument("--config", default="{}", help="overrides shared by every setting")
     ap.add_argument("--method", default="rome")
+    ap.add_argument("--mode", default="single", choices=["single", "batch"])
     ap.add_argument("--out", default="runs/sweep")
     args = ap.parse_args()
+    settings = [{"layer": layer} for layer in args.layers] + json.loads(args.grid)
+    if not settings:
+        raise SystemExit("give --layers or --grid")
     model, tok = editable_default_model()
     rows = []
-    for layer in args.layers:
-        config = {**json.loads(args.config), "layer": layer}
-        s = evaluate(model, tok, args.method, COUNTERFACT, n=args.n, known_only=True, config=config,
-                     out=f"{args.out}/{args.method}-layer{layer}")[args.method]
+    for setting in settings:
+        config = {**json.loads(args.config), **setting}
+        label = re.sub(r"[^A-Za-z0-9]+", "-", json.dumps(setting, sort_keys=True)).strip("-")
+        s = evaluate(model, tok, args.method, COUNTERFACT, n=args.n, known_only=True, config=config, mode=args.mode,
+                     batch_size=args.n, out=f"{args.out}/{args.method}-{args.mode}-{label}")[args.method]
         m = s["metrics"]
-        rows.append({"layer": layer, "cases": s["counts"]["scored"],
+        rows.append({"setting": json.dumps(setting), "cases": s["counts"]["scored"],
                      **{k: m[k]["token_em"]["mean"] for k in ("reliability", "generalization", "locality")},
                      "median_s": s["efficiency"].get("edit_seconds_median")})
     print_table(rows, list(rows[0]))
