@@ -11,7 +11,7 @@ unmerging restores the original weights bit for bit, whatever the order of merge
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -131,6 +131,16 @@ def capture_inputs(module: nn.Module, store: list) -> Iterator[list]:
 
 
 @contextmanager
+def capture_outputs(module: nn.Module, store: list) -> Iterator[list]:
+    """Collect ``module``'s output (the hidden states of a decoder block) of every forward call."""
+    handle = module.register_forward_hook(lambda m, args, out: store.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def output_edit(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Temporarily replace ``module``'s output by ``fn(input, output)`` (for optimisation loops)."""
     handle = module.register_forward_hook(lambda m, args, out: fn(args[0], out))
@@ -144,16 +154,10 @@ def output_edit(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], to
 def temporary_deltas(model: nn.Module, deltas: "dict[str, LowRankDelta]") -> Iterator[None]:
     """Apply low-rank deltas to named modules for the duration of the block (used while an edit is
     being computed on top of its own earlier parts: ROME's later requests, MEMIT's later layers)."""
-    handles = []
-    try:
+    with ExitStack() as stack:
         for name, delta in deltas.items():
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, d=delta: out + (args[0] @ d.down.to(args[0])) @ d.up.to(args[0]).T))
+            stack.enter_context(output_edit(model.get_submodule(name), lambda x, out, d=delta: out + d.to(x)(x)))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def as_btd(acts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def download_adapter(repo_id: str, *, revision: str | None = None, subfolder: st
         raise EditError(f"downloading {repo_id!r} failed: {e}") from None
     except OSError as e:   # connection reset, truncated transfer
         raise EditError(f"downloading {repo_id!r} failed (network: {e}); nothing was loaded, try again") from None
-    except Exception as e:  # httpx transport errors are not OSError subclasses
+    except Exception as e:  # the client's httpx transport errors (a cut connection) are not OSErrors
         if type(e).__module__.startswith(("httpx", "httpcore")):
             raise EditError(f"downloading {repo_id!r} failed (network: {e}); nothing was loaded, try again") from None
         raise

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attach import StopForward, as_btd, capture_inputs, output_edit, stop_after
+from .attach import StopForward, as_btd, capture_inputs, capture_outputs, output_edit, stop_after
 from .corpus import CORPORA
 from .errors import EditOptimizationError
 from .method import MethodConfig, check
@@ -102,7 +102,7 @@ def subject_activations(model, tokenizer, module_name: str, requests: Sequence[E
             spans.append(span)
     batch = TargetBatch.build(tokenizer, texts, subject_spans=spans, device=next(model.parameters()).device)
     captured: list = []
-    grab = capture_inputs(module, captured) if which == "input" else _capture_outputs(module, captured)
+    grab = capture_inputs(module, captured) if which == "input" else capture_outputs(module, captured)
     with torch.no_grad(), grab, stop_after(module):
         try:
             model(**batch.model_inputs(), use_cache=False)
@@ -112,20 +112,6 @@ def subject_activations(model, tokenizer, module_name: str, requests: Sequence[E
     rows = torch.arange(len(texts), device=acts.device)
     at_subject = acts[rows, torch.tensor(batch.subject_last, device=acts.device)].float()
     return at_subject.view(len(requests), len(templates), -1).mean(1)
-
-
-class _capture_outputs:
-    def __init__(self, module, store: list):
-        self.module, self.store, self.handle = module, store, None
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_hook(
-            lambda m, args, out: self.store.append(out[0] if isinstance(out, tuple) else out))
-        return self.store
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-        return False
 
 
 def forward_logits(model, batch: TargetBatch, positions: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,6 @@ def save_merged(model, tokenizer, out_dir: str | Path, names: Sequence[str] | No
     for a in newly:
         a.merge()
     try:
-        # other edits must not leak in through their hooks: the saved weights are what is merged
         model.save_pretrained(out)
     finally:
         for a in reversed(newly):

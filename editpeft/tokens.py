@@ -122,7 +122,7 @@ class TargetBatch:
 
 def next_token_logits(model, tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
     """Logits of the token following each prompt, shape (len(prompts), vocab)."""
-    batch = TargetBatch.build(tokenizer, prompts, device=device or _device(model))
+    batch = TargetBatch.build(tokenizer, prompts, device=device or model_device(model))
     with torch.no_grad():
         logits = model(**batch.model_inputs()).logits
     idx = torch.tensor(batch.last_prompt, device=logits.device)
@@ -134,5 +134,5 @@ def greedy_next_tokens(model, tokenizer, prompts: Sequence[str]) -> list[int]:
     return next_token_logits(model, tokenizer, prompts).argmax(-1).tolist()
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device

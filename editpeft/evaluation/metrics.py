@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..tokens import target_token_ids
+from ..tokens import pad_id, target_token_ids
 from .cases import EvalCase, Probe
 from .scoring import BranchScore, greedy_continuations, score_branches
 
@@ -79,7 +79,7 @@ def _is_locality(group: str) -> bool:
     return group.startswith("locality/")
 
 
-def _probe_key(case: EvalCase, group: str, index: int) -> str:
+def _probe_key(group: str, index: int) -> str:
     return f"{group}#{index}"
 
 
@@ -126,7 +126,7 @@ class CaseScorer:
             aliases, contrast, _ = plan.split(sc)
             aliases = [a for a in aliases if a.tokens]
             primary = aliases[0] if aliases else None
-            out[plan.case][_probe_key(cases[plan.case], plan.group, pi)] = {
+            out[plan.case][_probe_key(plan.group, pi)] = {
                 "argmax": primary.argmax[:len(primary.tokens)] if primary else None,
                 "margin": (primary.total_logprob - contrast.total_logprob) if primary and contrast else None,
                 "greedy": g,
@@ -159,7 +159,7 @@ class CaseScorer:
         for ci, case in enumerate(cases):
             for group, probes in case.groups().items():
                 for pi, probe in enumerate(probes):
-                    base = baselines[ci].get(_probe_key(case, group, pi)) if _is_locality(group) else None
+                    base = baselines[ci].get(_probe_key(group, pi)) if _is_locality(group) else None
                     if _is_locality(group) and base is None:
                         raise ValueError(f"case {case.case_id}: no baseline for {group}#{pi}; "
                                          "call baseline() on the unedited model first")
@@ -262,7 +262,6 @@ def ngram_entropy(text: str, ns: Iterable[int] = (2, 3), weights: Iterable[float
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 50) -> list[str]:
     """Greedy continuations (prompt included, as ROME scores them), left-padded for batching."""
-    from ..tokens import pad_id
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

@@ -196,10 +196,10 @@ class Runner:
         self._run_groups(self.s.batch_size)
 
     def _run_groups(self, size: int) -> None:
-        done = {ln["case_id"] for ln in self.dir.lines()}
+        written = self.dir.lines()
+        done = {ln["case_id"] for ln in written}
         groups = [self.cases[i:i + size] for i in range(0, len(self.cases), size)]
         todo = [g for g in groups if not all(c.case_id in done for c in g)]
-        written = [ln for ln in self.dir.lines()]
         bar = self._bar(len(self.cases), len(self.cases) - sum(len(g) for g in todo), f"{self.s.method} {self.s.mode}")
         name = f"eval-{self.s.method}"
         for gi, group in enumerate(todo):
@@ -225,7 +225,7 @@ class Runner:
         progress_file = state_dir / "progress.json"
         checkpoints = sorted({k for k in self.s.checkpoints if k <= len(self.cases)} | {len(self.cases)})
         done_ckpts = {ln["checkpoint"] for ln in self.dir.lines() if ln.get("checkpoint_complete")}
-        applied, names, append = 0, [], False
+        applied, names = 0, []
         from ..registry import get_method
         extendable = get_method(self.s.method).supports_extend()
         baselines = self._batched_baselines(self.cases)

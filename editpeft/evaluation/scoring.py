@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..tokens import pad_id
+from ..tokens import model_device, pad_id
 
 Item = tuple[str, Sequence[Sequence[int]]]
 
@@ -117,10 +117,6 @@ def _build_row(segments: list[_Segment]) -> _Row:
     return _Row(segments, offsets, ids, pos, allowed, read)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _dtype(model) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
@@ -134,10 +130,7 @@ def _keeps_logits(model) -> bool:
 
 def _has_router(model) -> bool:
     state = getattr(model, "_editpeft", None)
-    if state is None or not state.enabled:
-        return False
-    from ..adapters import RouterAdapter
-    return any(isinstance(a, RouterAdapter) and a.active for a in state.edits.values())
+    return state is not None and bool(state.live_routers())
 
 
 def _read_branches(seg: _Segment, logp_at, argmax_at, offset: int) -> list[BranchScore]:
@@ -155,7 +148,7 @@ def _read_branches(seg: _Segment, logp_at, argmax_at, offset: int) -> list[Branc
 @torch.no_grad()
 def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per_batch: int,
                   pad: int) -> dict[int, list[BranchScore]]:
-    device, dtype = _device(model), _dtype(model)
+    device, dtype = model_device(model), _dtype(model)
     rows = [_build_row(r) for r in _pack(segments, max_row_tokens)]
     out: dict[int, list[BranchScore]] = {}
     for b0 in range(0, len(rows), rows_per_batch):
@@ -189,7 +182,7 @@ def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per
 @torch.no_grad()
 def _score_padded(model, segments: list[_Segment], batch_size: int, pad: int) -> dict[int, list[BranchScore]]:
     """One right-padded sequence per branch: for models whose forward must see ordinary inputs."""
-    device = _device(model)
+    device = model_device(model)
     flat = []
     for s in segments:
         prompt = s.ids[:s.prompt_len]
