@@ -76,14 +76,16 @@ class Memit(editpeft.EditMethod):
             v = optimize_value(model, tokenizer, targets[-1], r, templates, **config.value_options())
             deltas.append(v.delta.float())
             logger.info("memit %r -> %r: nll %.3f after %d steps", r.prompt, r.target_new, v.nll, v.steps)
-        z = subject_activations(model, tokenizer, last_block, requests, templates, "output") + torch.stack(deltas)
+        h = subject_activations(model, tokenizer, last_block, requests, templates, "output")
+        z = h + torch.stack(deltas)
         # 2. layer by layer, on the model carrying the lower layers' updates
         done: dict[str, LowRankDelta] = {}
         for i, (layer, target) in enumerate(zip(layers, targets)):
             with temporary_deltas(model, done):
                 keys = subject_keys(model, tokenizer, target, requests, templates)              # (n, in)
-                current = subject_activations(model, tokenizer, last_block, requests, templates, "output")
-            resid = (z - current) / (len(layers) - i)                                           # (n, out)
+                if done:   # before the first update the block output is still h
+                    h = subject_activations(model, tokenizer, last_block, requests, templates, "output")
+            resid = (z - h) / (len(layers) - i)                                                 # (n, out)
             mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
             down = spread_direction(mom2.to(keys.device), keys, config.mom2_update_weight)     # (in, n)
             done[target] = LowRankDelta(resid.T.contiguous().cpu(), down.cpu())
