@@ -156,6 +156,8 @@ class EditableMixin:
             raise InvalidRequestError("the batch contains contradictory edits: "
                                       + "; ".join(c.describe() for c in batch) + ". Keep one of each pair")
         _report_conflicts(state, name, reqs)
+        if existing is not None and (config is None or isinstance(config, Mapping)):
+            config = {**existing.hparams, **dict(config or {})}   # continue with the adapter's settings
         cfg = impl.resolve_config(self, config)
         with _computing(self):
             if existing is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -165,80 +166,149 @@ class ValueResult:
     steps: int
 
 
-def optimize_value(model, tokenizer, module_name: str, request: EditRequest, templates: Sequence[str], *,
-                   steps: int, lr: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
-                   kl_prompt: str = "{} is a", stop_nll: float = 5e-2) -> ValueResult:
-    """Optimise delta so that the model, with ``module``'s output at the subject's last token
-    shifted by delta in every template, predicts ``request.target_new``.
+def optimize_value(model, tokenizer, module_name: str, request: EditRequest, templates: Sequence[str],
+                   **options) -> ValueResult:
+    """:func:`optimize_values` for one request."""
+    return optimize_values(model, tokenizer, module_name, [request], templates, **options)[0]
 
-    Loss = mean NLL(target) + kl_factor * KL(p_orig || p_new) on ``kl_prompt`` at the subject
-    + weight_decay * |delta| / |v|^2, delta clamped to clamp_norm_factor * |v| (ROME §3.1, Eq. 4).
-    Stops once the target NLL is below ``stop_nll`` (the reference code stops on the total loss,
-    which on small models never gets below its threshold once the clamp is reached).
+
+def optimize_values(model, tokenizer, module_name: str, requests: Sequence[EditRequest], templates: Sequence[str], *,
+                    steps: int, lr: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
+                    kl_prompt: str = "{} is a", stop_nll: float = 5e-2, chunk: int = 16) -> list[ValueResult]:
+    """For each request, optimise delta_i so that the model, with ``module``'s output at the
+    subject's last token shifted by delta_i in every template, predicts ``target_new``.
+
+    Loss_i = mean NLL(target) + kl_factor * KL(p_orig || p_new) on ``kl_prompt`` at the subject
+    + weight_decay * |delta_i| / |v_i|^2, delta_i clamped to clamp_norm_factor * |v_i| (ROME §3.1,
+    Eq. 4; MEMIT Eq. 16). Requests are optimised ``chunk`` at a time in one batched forward: each
+    delta_i is its own Adam parameter and only its own rows depend on it, so the result is the
+    same as optimising them one by one. A request stops once its target NLL is below ``stop_nll``
+    (the reference code stops on the total loss, which on small models never gets below its
+    threshold once the clamp is reached) and its rows leave the batch.
     """
+    opts = dict(steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay,
+                clamp_norm_factor=clamp_norm_factor, kl_prompt=kl_prompt, stop_nll=stop_nll)
+    out: list[ValueResult] = []
+    for start in range(0, len(requests), chunk):
+        out.extend(_optimize_chunk(model, tokenizer, module_name, list(requests[start:start + chunk]), templates, **opts))
+    return out
+
+
+def _optimize_chunk(model, tokenizer, module_name, requests, templates, *, steps, lr, kl_factor, weight_decay,
+                    clamp_norm_factor, kl_prompt, stop_nll) -> list[ValueResult]:
     module = model.get_submodule(module_name)
     device = next(model.parameters()).device
-    texts, spans = zip(*(in_template(t, request) for t in templates))
-    kl_text, kl_span = in_template(kl_prompt, request) if request.subject else (None, None)
-    all_texts = list(texts) + ([kl_text] if kl_text else [])
-    all_spans = list(spans) + ([kl_span] if kl_text else [])
-    targets = [request.target_new] * len(texts) + ([None] if kl_text else [])
-    batch = TargetBatch.build(tokenizer, all_texts, targets, all_spans, device=device)
-    n_rw = len(texts)
-    lookup = torch.tensor(batch.subject_last, device=device)
-    rows = torch.arange(len(all_texts), device=device)
+    texts, spans, targets, owner, kl_row = [], [], [], [], {}
 
-    # Positions whose logits the loss needs: targets of rewrite rows and the KL row's subject.
-    needed = sorted({int(p) for i in range(n_rw) for p in batch.target_positions(i)}
-                    | ({batch.subject_last[-1]} if kl_text else set()))
-    keep = torch.tensor(needed, device=device)
-    col = {p: j for j, p in enumerate(needed)}
+    def add_row(text: str, span, target: str | None, request_index: int) -> None:
+        texts.append(text)
+        spans.append(span)
+        targets.append(target)
+        owner.append(request_index)
 
-    init_out: dict[str, torch.Tensor] = {}
+    for i, r in enumerate(requests):
+        for t in templates:
+            add_row(*in_template(t, r), r.target_new, i)
+        if r.subject:
+            kl_row[i] = len(texts)
+            add_row(*in_template(kl_prompt, r), None, i)
+    full = TargetBatch.build(tokenizer, texts, targets, spans, device=device)
+    rw_rows = {i: [j for j, o in enumerate(owner) if o == i and targets[j] is not None] for i in range(len(requests))}
+
+    def positions(rows: Sequence[int]) -> list[int]:
+        """Positions whose logits the loss needs: target positions of rewrite rows, KL rows' subject."""
+        need: set[int] = set()
+        for j in rows:
+            if targets[j] is None:
+                need.add(full.subject_last[j])
+            else:
+                need.update(int(p) for p in full.target_positions(j))
+        return sorted(need)
+
+    def sub_batch(rows: Sequence[int]) -> TargetBatch:
+        idx = torch.tensor(rows, device=device)
+        return TargetBatch(full.input_ids[idx], full.attention_mask[idx], [full.prompt_len[j] for j in rows],
+                           [full.target_ids[j] for j in rows], [full.subject_last[j] for j in rows])
+
+    # The unedited module output at the subject (v_i, from each request's first template) and the
+    # unedited next-token distribution on the KL prompt.
+    all_rows = list(range(len(texts)))
+    keep = positions(all_rows)
+    lookup = torch.tensor(full.subject_last, device=device)
+    captured: dict[str, torch.Tensor] = {}
 
     def record(x, out):
-        init_out["v"] = as_btd(out, batch.input_ids)[rows, lookup].detach()
+        captured["v"] = as_btd(out, full.input_ids)[torch.arange(len(texts), device=device), lookup].detach()
         return out
 
     with torch.no_grad(), output_edit(module, record):
-        logits0 = forward_logits(model, batch, keep)
-    kl_init = F.log_softmax(logits0[-1, col[batch.subject_last[-1]]].float(), -1) if kl_text else None
-    v_init = init_out["v"][0].float()
-    max_norm = clamp_norm_factor * v_init.norm()
+        logits0 = forward_logits(model, full, torch.tensor(keep, device=device))
+    col0 = {p: c for c, p in enumerate(keep)}
+    v_init = [captured["v"][rw_rows[i][0]].float() for i in range(len(requests))]
+    kl_init = {i: F.log_softmax(logits0[j, col0[full.subject_last[j]]].float(), -1) for i, j in kl_row.items()}
+    max_norm = [clamp_norm_factor * v.norm() for v in v_init]
 
-    delta = torch.zeros(v_init.shape[0], device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
+    deltas = [torch.zeros(v.shape[0], device=device, requires_grad=True) for v in v_init]
+    opt = torch.optim.Adam(deltas, lr=lr)
+    results: dict[int, ValueResult] = {}
+    last: dict[int, tuple[float, float]] = {}
+    active = list(range(len(requests)))
 
-    def shift(x, out):
-        add = torch.zeros_like(as_btd(out, batch.input_ids))
-        add[rows, lookup] = delta.to(out.dtype)
-        return out + add.reshape(out.shape)
+    for step in range(1, steps + 1):
+        rows = [j for j in all_rows if owner[j] in active]
+        batch, keep = sub_batch(rows), positions(rows)
+        col = {p: c for c, p in enumerate(keep)}
+        local = {j: r for r, j in enumerate(rows)}
+        row_owner = torch.tensor([owner[j] for j in rows], device=device)
+        stacked = torch.stack(deltas)
 
-    loss_val, nll_val, step = float("nan"), float("nan"), 0
-    with torch.enable_grad(), output_edit(module, shift):
-        for step in range(1, steps + 1):
-            opt.zero_grad()
-            logits = forward_logits(model, batch, keep)
-            nll = batch.target_nll(logits, range(n_rw), needed)
-            loss = nll + weight_decay * delta.norm() / v_init.norm() ** 2
-            if kl_text:
-                kl_new = F.log_softmax(logits[-1, col[batch.subject_last[-1]]].float(), -1)
-                loss = loss + kl_factor * F.kl_div(kl_new, kl_init, log_target=True, reduction="sum")
-            loss_val, nll_val = float(loss.detach()), float(nll.detach())
-            logger.debug("step %d loss %.4f nll %.4f |delta| %.2f", step, loss_val, nll_val, float(delta.detach().norm()))
-            if not torch.isfinite(loss):
-                raise EditOptimizationError(
-                    f"the value optimisation for {request.prompt!r} -> {request.target_new!r} diverged "
-                    f"(loss={loss_val}) at step {step}; the model was left unchanged. Lower the learning rate.")
-            if nll_val < stop_nll:
+        def shift(x, out):
+            add = torch.zeros_like(as_btd(out, batch.input_ids))
+            add[torch.arange(len(rows), device=device), torch.tensor(batch.subject_last, device=device)] = \
+                stacked[row_owner].to(out.dtype)
+            return out + add.reshape(out.shape)
+
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad(), output_edit(module, shift):
+            logits = forward_logits(model, batch, torch.tensor(keep, device=device))
+            logps = batch.target_logprobs(logits, keep)
+            total = logits.new_zeros((), dtype=torch.float32)
+            finished = []
+            for i in active:
+                nll = torch.stack([-logps[local[j]].mean() for j in rw_rows[i]]).mean()
+                loss = nll + weight_decay * deltas[i].norm() / v_init[i].norm() ** 2
+                if i in kl_row:
+                    j = local[kl_row[i]]
+                    kl_new = F.log_softmax(logits[j, col[batch.subject_last[j]]].float(), -1)
+                    loss = loss + kl_factor * F.kl_div(kl_new, kl_init[i], log_target=True, reduction="sum")
+                loss_val, nll_val = float(loss.detach()), float(nll.detach())
+                if not math.isfinite(loss_val):
+                    r = requests[i]
+                    raise EditOptimizationError(
+                        f"the value optimisation for {r.prompt!r} -> {r.target_new!r} diverged (loss={loss_val}) "
+                        f"at step {step}; the model was left unchanged. Lower the learning rate.")
+                last[i] = (loss_val, nll_val)
+                if nll_val < stop_nll:
+                    finished.append(i)
+                    results[i] = ValueResult(deltas[i].detach(), float(v_init[i].norm()), loss_val, nll_val, step)
+                else:
+                    total = total + loss
+            logger.debug("step %d: %d active, total loss %.4f", step, len(active), float(total.detach()))
+            active = [i for i in active if i not in finished]
+            if not active:
                 break
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
-    if not torch.isfinite(delta).all():
-        raise EditOptimizationError(f"the value optimisation for {request.prompt!r} produced non-finite "
-                                    "values; the model was left unchanged. Lower the learning rate.")
-    return ValueResult(delta.detach(), float(v_init.norm()), loss_val, nll_val, step)
+            total.backward()
+        opt.step()
+        with torch.no_grad():
+            for i in active:
+                norm = deltas[i].norm()
+                if norm > max_norm[i]:
+                    deltas[i].mul_(max_norm[i] / norm)
+    for i in active:
+        loss_val, nll_val = last[i]
+        results[i] = ValueResult(deltas[i].detach(), float(v_init[i].norm()), loss_val, nll_val, steps)
+    for i, r in enumerate(requests):
+        if not torch.isfinite(results[i].delta).all():
+            raise EditOptimizationError(f"the value optimisation for {r.prompt!r} produced non-finite "
+                                        "values; the model was left unchanged. Lower the learning rate.")
+    return [results[i] for i in range(len(requests))]

@@ -11,12 +11,15 @@ from editpeft.tokens import greedy_next_tokens, target_token_ids
 from conftest import FAMILIES, assert_untouched, logits_of, params_snapshot
 
 # Tiny random models need a stronger push than a trained one: more steps, a wider clamp.
+VALUE = {"v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 4000, "context_lengths": [[4, 2]],
+         "kl_factor": 0.0, "v_weight_decay": 0.0}
 CONFIGS = {
     "rome": {"layer": 0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 4000,
              "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0},
     "grace": {"layer": 0, "eps_init": 1.0, "steps": 100},
-    "memit": {"layers": [0, 1], "mom2_update_weight": 1.0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0,
-              "stats_tokens": 4000, "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0},
+    "memit": {"layers": [0, 1], "mom2_update_weight": 1.0, **VALUE},
+    "alphaedit": {"layers": [0, 1], "nullspace_threshold": 1.0, "l2": 0.1, **VALUE},
+    "emmet": {"layers": [0, 1], **VALUE},
 }
 # In a random 2-layer model attention cannot carry an edit from a mid-prompt subject to the last
 # position, so the tiny-model request ends with its subject (SmolLM2 tests cover mid-prompt subjects).
@@ -25,7 +28,7 @@ OTHER = ["The chemical symbol for gold is", "Berlin, London, Madrid"]
 
 
 @pytest.mark.parametrize("tiny", FAMILIES, indirect=True)
-@pytest.mark.parametrize("method", ["rome", "grace", "memit"])
+@pytest.mark.parametrize("method", list(CONFIGS))
 def test_edit_toggle_save_load(tiny, method, tmp_path):
     model, tok = tiny
     prompts = [REQUEST.prompt] + OTHER

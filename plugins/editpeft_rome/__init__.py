@@ -16,10 +16,15 @@ To store a new fact (s, r, o*):
    v* − W k* = δ, the update is the rank-one factor pair ``up = δ``, ``down = C⁻¹k*/(k*ᵀC⁻¹k*)``,
    stored as such (a few KB) and applied as ``y += (x·down)·up``.
 
-The update uses the averaged key k* on both sides of Eq. 2, as the paper writes it (the
-reference code mixes in the un-averaged key; Gupta et al. 2024, "Rebuilding ROME", show that
-this inconsistency causes model collapse). A list of requests is applied one after another,
-each computed on the model with the previous ones in place (rank = number of requests).
+**r-ROME** (Gupta, Baskaran, Anumanchipalli 2024, "Rebuilding ROME: Resolving Model Collapse
+during Sequential Model Editing", arXiv:2403.07175) is the default, ``key_mode="averaged"``: the
+update uses the averaged key k* on both sides of Eq. 2, so Ŵk* = Wk* + δ exactly. The original
+reference code divides by the key of the bare prompt instead (down = C⁻¹k*/(k_pᵀC⁻¹k*), so that
+Ŵk_p = Wk_p + δ); r-ROME shows that this inconsistency makes sequential edits blow up the model.
+``key_mode="prompt"`` reproduces it for comparison.
+
+A list of requests is applied one after another, each computed on the model with the previous
+ones in place (rank = number of requests); ``append=True`` continues an existing adapter the same way.
 
 Example:
     >>> adapter = model.add_edit("rome", EditRequest(
@@ -40,6 +45,7 @@ from editpeft.arch import get_arch
 from editpeft.attach import LowRankDelta, temporary_deltas
 from editpeft.errors import EditOptimizationError
 from editpeft.locate import LocateEditConfig, context_templates, optimize_value, subject_keys
+from editpeft.mass_edit import AppendByStacking
 from editpeft.method import check
 from editpeft.request import require_subjects
 from editpeft.stats import second_moment
@@ -47,18 +53,25 @@ from editpeft.stats import second_moment
 logger = logging.getLogger(__name__)
 
 
+KEY_MODES = ("averaged", "prompt")
+
+
 @dataclass
 class RomeConfig(LocateEditConfig):
     layer: int = field(default=3, metadata={"help": "decoder block whose MLP output projection is edited"})
+
+    key_mode: str = field(default="averaged", metadata={
+        "help": "key in the update's denominator: 'averaged' (r-ROME) or 'prompt' (the original ROME code)"})
 
     layer_fields = ("layer",)
 
     def validate(self) -> None:
         super().validate()
         check(isinstance(self.layer, int) and self.layer >= 0, f"layer must be a non-negative int, got {self.layer!r}")
+        check(self.key_mode in KEY_MODES, f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
 
 
-class Rome(editpeft.EditMethod):
+class Rome(AppendByStacking, editpeft.EditMethod):
     name = "rome"
     kind = "weight_delta"
     Config = RomeConfig
@@ -74,7 +87,9 @@ class Rome(editpeft.EditMethod):
             with temporary_deltas(model, earlier):
                 key = subject_keys(model, tokenizer, target, [request], templates)[0]
                 value = optimize_value(model, tokenizer, target, request, templates, **config.value_options())
-            down = rank_one_direction(mom2.to(key.device), key)
+                exact_at = key if config.key_mode == "averaged" else \
+                    subject_keys(model, tokenizer, target, [request], templates[:1])[0]
+            down = rank_one_direction(mom2.to(key.device), key, exact_at)
             ups.append(value.delta.float())
             downs.append(down)
             logger.info("rome %r -> %r: loss %.3f after %d steps, |delta| %.2f",
@@ -84,10 +99,11 @@ class Rome(editpeft.EditMethod):
                                   requests=list(requests), targets=[target])
 
 
-def rank_one_direction(mom2: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """C⁻¹k* / (k*ᵀ C⁻¹ k*): the 'down' factor of ROME's rank-one update (Eq. 2)."""
+def rank_one_direction(mom2: torch.Tensor, key: torch.Tensor, exact_at: torch.Tensor | None = None) -> torch.Tensor:
+    """C⁻¹k* / (kᵀ C⁻¹ k*) with k = ``exact_at`` (default k*): the 'down' factor of ROME's rank-one
+    update (Eq. 2); the update then maps k exactly to Wk + δ."""
     c_inv_k = torch.linalg.solve(mom2.double(), key.double())
-    denom = key.double() @ c_inv_k
+    denom = (key if exact_at is None else exact_at).double() @ c_inv_k
     if not torch.isfinite(c_inv_k).all() or denom.abs() < 1e-12:
         raise EditOptimizationError("the key statistics are singular for this key; use more "
                                     "stats_tokens or another layer. The model was left unchanged.")

@@ -1,0 +1,163 @@
+"""AlphaEdit — null-space constrained knowledge editing.
+
+Fang, Jiang, Wang, Ma, Shi, Wang, He, Chua. "AlphaEdit: Null-Space Constrained Knowledge Editing
+for Language Models", ICLR 2025 (arXiv:2410.02355).
+
+MEMIT's update trades the new facts against the preserved knowledge K0 (its statistics C). AlphaEdit
+removes the trade-off by projecting the update onto the null space of the preserved keys, so that
+(W + ΔP) K0 = W K0 exactly (up to the threshold), and lets the update fit only the new facts and the
+facts edited before:
+
+1. **Projection** (§3.1, Eq. 8–9): eigendecompose K0K0ᵀ (here the cached second moment C = E[kkᵀ]
+   of the layer's keys, ``editpeft.stats``) as U Λ Uᵀ; with Û the eigenvectors whose eigenvalues are
+   below ``nullspace_threshold``, P = Û Ûᵀ.
+2. **Update** (Eq. 14), per layer of MEMIT's spread (:mod:`editpeft.mass_edit`), with K1 the keys of
+   this batch, R their residuals and Kp the keys of every earlier batch of the same adapter:
+
+       Δ = R K1ᵀ P (Kp Kpᵀ P + K1 K1ᵀ P + α I)⁻¹
+
+   stored as factors ``up = R`` (out × n), ``down = (P (K1K1ᵀ + KpKpᵀ) + αI)⁻¹ P K1`` (in × n), so
+   Δ = up downᵀ. ``down`` lies in the range of P, so the update leaves K0 untouched.
+3. **Sequential state**: the adapter keeps Kp (per layer, in × edits so far) as tensors
+   ``<module>.keys``; ``model.add_edit("alphaedit", batch, name=..., append=True)`` on a saved,
+   loaded or Hub-downloaded adapter continues exactly where it stopped.
+
+With ``preserve=False`` the preserved set is empty: P = I and the update is MEMIT's Eq. 14 with the
+preserved-key covariance replaced by the ridge α I (plus the earlier batches' keys).
+
+Example:
+    >>> model.add_edit("alphaedit", batch_1, name="lifelong")                  # doctest: +SKIP
+    >>> model.add_edit("alphaedit", batch_2, name="lifelong", append=True)     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+import editpeft
+from editpeft import EditRequest, WeightDeltaAdapter
+from editpeft.attach import LowRankDelta
+from editpeft.errors import AdapterFormatError, EditOptimizationError
+from editpeft.mass_edit import LayerRangeConfig, join_deltas, spread_over_layers
+from editpeft.method import check
+from editpeft.request import require_subjects
+from editpeft.stats import second_moment
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AlphaEditConfig(LayerRangeConfig):
+    nullspace_threshold: float = field(default=2e-2, metadata={
+        "help": "eigenvalues of the key statistics below this span the null space (the paper's 2e-2)"})
+    l2: float = field(default=10.0, metadata={"help": "α: ridge weight of the update"})
+    preserve: bool = field(default=True, metadata={
+        "help": "project onto the null space of the preserved keys (False: empty preserved set, P = I)"})
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.nullspace_threshold > 0, "nullspace_threshold must be > 0")
+        check(self.l2 > 0, "l2 must be > 0")
+        check(isinstance(self.preserve, bool), "preserve must be true or false")
+
+
+class NullSpaceAdapter(WeightDeltaAdapter):
+    """A weight-delta adapter that also carries the keys of its edits (``<module>.keys``, in × n),
+    AlphaEdit's state for continuing sequential editing after save/load."""
+
+    def __init__(self, deltas: Mapping[str, LowRankDelta], keys: Mapping[str, torch.Tensor], **common: Any):
+        super().__init__(deltas, **common)
+        missing = set(self.deltas) - set(keys)
+        if missing:
+            raise AdapterFormatError(f"the adapter has no stored keys for {sorted(missing)}")
+        self.keys = {t: keys[t] for t in self.deltas}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        for target, k in self.keys.items():
+            out[f"{target}.keys"] = k.detach().contiguous()
+        return out
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "NullSpaceAdapter":
+        plain = WeightDeltaAdapter.from_saved(tensors, extra, **common)
+        keys = {}
+        for target, delta in plain.deltas.items():
+            k = tensors.get(f"{target}.keys")
+            if k is None or k.ndim != 2 or k.shape[0] != delta.down.shape[0] or not k.is_floating_point() \
+                    or not torch.isfinite(k).all():
+                raise AdapterFormatError(f"tensor {target + '.keys'!r} is missing or malformed (expected a finite "
+                                         f"{delta.down.shape[0]} x n float matrix)")
+            keys[target] = k
+        common.pop("targets", None)
+        return cls(plain.deltas, keys, **common)
+
+
+class AlphaEdit(editpeft.EditMethod):
+    name = "alphaedit"
+    kind = "weight_delta"
+    Config = AlphaEditConfig
+    adapter_class = NullSpaceAdapter
+
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: AlphaEditConfig) -> NullSpaceAdapter:
+        return self._edit(model, tokenizer, requests, config, prior=None)
+
+    def extend(self, adapter: NullSpaceAdapter, model, tokenizer, requests: Sequence[EditRequest],
+               config: AlphaEditConfig) -> NullSpaceAdapter:
+        """Edit ``requests`` on the model carrying ``adapter``, with its keys as Kp (Eq. 14)."""
+        return self._edit(model, tokenizer, requests, config, prior=adapter)
+
+    def _edit(self, model, tokenizer, requests, config, prior: NullSpaceAdapter | None) -> NullSpaceAdapter:
+        require_subjects(requests, self.name)
+
+        def solve(target: str, keys: torch.Tensor) -> torch.Tensor:
+            dim = keys.shape[1]
+            if config.preserve:
+                mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
+                proj = null_space_projector(mom2, config.nullspace_threshold)
+            else:
+                proj = torch.eye(dim, dtype=torch.float64)
+            earlier = prior.keys.get(target) if prior is not None else None
+            return null_space_direction(proj.to(keys.device), keys, earlier, config.l2)
+
+        deltas, keys = spread_over_layers(model, tokenizer, requests, config.layers, config, solve)
+        new_keys = {t: k.T.contiguous() for t, k in keys.items()}                    # (in, n)
+        all_requests = list(requests)
+        if prior is not None:
+            deltas = join_deltas(prior.deltas, deltas)
+            new_keys = {t: torch.cat([prior.keys[t], k], 1) if t in prior.keys else k for t, k in new_keys.items()}
+            new_keys = {**prior.keys, **new_keys}
+            all_requests = prior.requests + all_requests
+        return NullSpaceAdapter(deltas, new_keys, method=self.name, hparams=config.to_dict(), requests=all_requests)
+
+
+def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = Û Ûᵀ over the eigenvectors of ``mom2`` with eigenvalue < ``threshold`` (Eq. 8–9), float64."""
+    eigvals, eigvecs = torch.linalg.eigh(mom2.double())
+    basis = eigvecs[:, eigvals < threshold]
+    if basis.shape[1] == 0:
+        raise EditOptimizationError(
+            f"no eigenvalue of the key statistics is below nullspace_threshold={threshold} (smallest "
+            f"{float(eigvals[0]):.3g}): the null space is empty and no edit can be made. Raise the threshold. "
+            "The model was left unchanged.")
+    logger.info("null space: %d of %d dimensions", basis.shape[1], mom2.shape[0])
+    return basis @ basis.T
+
+
+def null_space_direction(proj: torch.Tensor, keys: torch.Tensor, earlier: torch.Tensor | None, l2: float) -> torch.Tensor:
+    """(P (K1K1ᵀ + KpKpᵀ) + αI)⁻¹ P K1 for keys K1 (n × in rows) and earlier keys Kp (in × m): the
+    'down' factor of AlphaEdit's update (Eq. 14)."""
+    k1 = keys.double().T                                                    # (in, n)
+    gram = k1 @ k1.T
+    if earlier is not None:
+        kp = earlier.to(k1)
+        gram = gram + kp @ kp.T
+    proj = proj.double()
+    lhs = proj @ gram + l2 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    down = torch.linalg.solve(lhs, proj @ k1)
+    if not torch.isfinite(down).all():
+        raise EditOptimizationError("the null-space update is not finite; raise l2. The model was left unchanged.")
+    return down.float()
