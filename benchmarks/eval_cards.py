@@ -28,6 +28,10 @@ SETTINGS = {
     "cf-single": dict(data=COUNTERFACT, known_only=True, n=None, mode="single"),
     "cf-batch": dict(data=COUNTERFACT, known_only=True, n=None, mode="batch", batch_size=100),
     "cf-sequential": dict(data=COUNTERFACT, known_only=True, n=None, mode="sequential", checkpoints=[1, 10, 50, 100]),
+    # the scale: facts the model need not know (only 47 of 1129 CounterFact facts are known to a 135M model)
+    "cf-batch100": dict(data=COUNTERFACT, known_only=False, n=100, mode="batch", batch_size=100),
+    "cf-seq500": dict(data=COUNTERFACT, known_only=False, n=500, mode="sequential", batch_size=50,
+                      checkpoints=[50, 100, 150, 200, 250, 300, 350, 400, 450, 500]),
     "zsre-single": dict(data=ZSRE, known_only=False, n=200, mode="single"),
     "zsre-sequential": dict(data=ZSRE, known_only=False, n=100, mode="sequential", checkpoints=[1, 10, 50, 100]),
 }

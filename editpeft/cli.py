@@ -3,6 +3,7 @@
     editpeft methods [--verbose]
     editpeft edit --method rome --prompt "The Eiffel Tower is located in the city of" \
                   --subject "Eiffel Tower" --target-new Rome --out edits/eiffel
+    editpeft stats --method memit            # precompute the key statistics (cached)
     editpeft generate "The Eiffel Tower is located in the city of" --edit edits/eiffel
     editpeft eval --method rome --method grace --data counterfact.json --n 200 --known-only \
                   --mode sequential --out runs/cf
@@ -244,6 +245,28 @@ def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def cmd_stats(args) -> int:
+    from .arch import get_arch
+    from .stats import precompute
+    model, tok = _load_model(args.model)
+    arch = get_arch(model)
+    if args.layers:
+        layers = [int(x) for x in args.layers.split(",")]
+    else:
+        from .registry import get_method
+        hparams = get_method(args.method).resolve_config(model, None).to_dict()
+        layers = hparams.get("layers") or [hparams["layer"]]
+    names = [arch.mlp_out_name(arch.check_layer(layer)) for layer in layers]
+    rows = precompute(model, tok, names, corpus=args.corpus, n_tokens=args.tokens)
+    print(f"{'module':<40} {'source':<9} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['module']:<40} {r['source']:<9} {r['seconds']:>8.1f}")
+    counts = {s: sum(r["source"] == s for r in rows) for s in ("computed", "disk", "memory")}
+    print(f"computed {counts['computed']}, cache hits {counts['disk'] + counts['memory']} "
+          f"(corpus {args.corpus}, {args.tokens} tokens per module)")
+    return 0
+
+
 def cmd_generate(args) -> int:
     model, tok = _load_model(args.model)
     for path in args.edit or []:
@@ -322,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_edit)
 
+    p = sub.add_parser("stats", help="precompute the cached key statistics of the locate-then-edit methods")
+    p.add_argument("--method", default="memit", help="take the layers from this method's card (default: memit)")
+    p.add_argument("--layers", help="comma-separated decoder block indices (overrides --method)")
+    p.add_argument("--corpus", default="pydoc")
+    p.add_argument("--tokens", type=int, default=40_000)
+    p.add_argument("--model", help="a local transformers model folder (default: the embedded model)")
+    p.set_defaults(func=cmd_stats)
+
     p = sub.add_parser("generate", help="generate from a prompt with adapters loaded")
     p.add_argument("prompt")
     p.add_argument("--edit", action="append", help="adapter folder or Hub repo (repeatable, in order)")
@@ -339,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON object of hyper-parameters or a card path")
     p.add_argument("--n", type=int, help="number of cases (after --known-only filtering)")
     p.add_argument("--mode", choices=["single", "batch", "sequential"], default="single")
-    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="edits per edit call (default: 10 in batch mode, 1 in sequential mode)")
     p.add_argument("--checkpoints", default="1,10,50,100,200,500,1000",
                    help="sequential mode: numbers of edits at which all edits so far are scored")
     p.add_argument("--protocols", default="token_em,prob_margin,gen_em",

@@ -12,13 +12,16 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -98,6 +101,28 @@ def second_moment(model, tokenizer, module_name: str, *, corpus: str = "pydoc", 
     if state is not None:
         state.memo[memo_key] = mom2
     return mom2
+
+
+def precompute(model, tokenizer, module_names: Sequence[str], *, corpus: str = "pydoc", n_tokens: int = 40_000,
+               progress: bool = True) -> list[dict]:
+    """Compute (or find in the cache) the statistics of each module; one row per module with
+    ``module``, ``source`` ("computed", "disk" or "memory") and ``seconds``.
+
+    Example:
+        >>> rows = precompute(model, tok, ["model.layers.3.mlp.down_proj"])   # doctest: +SKIP
+        >>> rows[0]["source"]
+        'computed'
+    """
+    rows = []
+    for name in module_names:
+        before = dataclasses.replace(counters(model))
+        start = time.perf_counter()
+        second_moment(model, tokenizer, name, corpus=corpus, n_tokens=n_tokens, progress=progress)
+        after = counters(model)
+        source = ("computed" if after.computed > before.computed else
+                  "disk" if after.disk_hits > before.disk_hits else "memory")
+        rows.append({"module": name, "source": source, "seconds": time.perf_counter() - start})
+    return rows
 
 
 def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_size, progress) -> torch.Tensor:

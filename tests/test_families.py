@@ -20,6 +20,7 @@ CONFIGS = {
     "memit": {"layers": [0, 1], "mom2_update_weight": 1.0, **VALUE},
     "alphaedit": {"layers": [0, 1], "nullspace_threshold": 1.0, "l2": 0.1, **VALUE},
     "emmet": {"layers": [0, 1], **VALUE},
+    "kn": {"ig_steps": 5, "context_lengths": [[4, 2]]},
 }
 # In a random 2-layer model attention cannot carry an edit from a mid-prompt subject to the last
 # position, so the tiny-model request ends with its subject (SmolLM2 tests cover mid-prompt subjects).

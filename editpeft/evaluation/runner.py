@@ -51,7 +51,7 @@ class RunSettings:
     format: str = ""
     n: int | None = None
     known_only: bool = False
-    batch_size: int = 10
+    batch_size: int | None = None
     checkpoints: list[int] = field(default_factory=lambda: list(DEFAULT_CHECKPOINTS))
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     shard: list[int] = field(default_factory=lambda: [0, 1])
@@ -60,11 +60,18 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         i, n = self.shard
         if not 0 <= i < n:
             raise ConfigError(f"shard {i}/{n} is out of range; use i/n with 0 <= i < n")
+
+    @property
+    def step(self) -> int:
+        """Edits per edit call: ``batch_size`` (default 10 in batch mode, 1 in sequential mode)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 10 if self.mode == "batch" else 1
 
 
 def known_mask(model, tokenizer, cases: Sequence[EvalCase], chunk: int = 64) -> list[bool]:
@@ -193,7 +200,7 @@ class Runner:
         self._run_groups(1)
 
     def _run_batch(self) -> None:
-        self._run_groups(self.s.batch_size)
+        self._run_groups(self.s.step)
 
     def _run_groups(self, size: int) -> None:
         written = self.dir.lines()
@@ -237,19 +244,21 @@ class Runner:
                     self.model.load_edit(state_dir / nm, name=nm)
             edit_seconds: list[float] = []
             bar = self._bar(len(self.cases), applied, f"{self.s.method} sequential")
-            for k in range(applied, len(self.cases)):
-                case = self.cases[k]
-                name = "eval-seq" if extendable else f"eval-seq-{k}"
+            for start in range(applied, len(self.cases), self.s.step):
+                group = self.cases[start:start + self.s.step]
+                n_done = start + len(group)
+                name = "eval-seq" if extendable else f"eval-seq-{start}"
                 append = extendable and name in self.model.edits
-                adapter, seconds, error = self._edit([case], name, append=append)
-                edit_seconds.append(seconds)
+                adapter, seconds, error = self._edit(group, name, append=append)
+                edit_seconds.extend([seconds / len(group)] * len(group))
                 if adapter is not None and name not in names:
                     names.append(name)
                 if error is not None:
-                    self.dir.append([self._line(case, None, error=error, failed_at=k + 1, edit_seconds=seconds)])
-                bar.update(1)
-                n_done = k + 1
-                if n_done in checkpoints and n_done not in done_ckpts:
+                    self.dir.append([self._line(c, None, error=error, failed_at=n_done, edit_seconds=seconds / len(group))
+                                     for c in group])
+                bar.update(len(group))
+                reached = any(start < c <= n_done for c in checkpoints)
+                if reached and n_done not in done_ckpts:
                     self._checkpoint(n_done, baselines, edit_seconds, names)
                     edit_seconds = []
                     self._save_state(state_dir, progress_file, n_done, names)
@@ -314,7 +323,7 @@ def _select(model, tokenizer, cases: list[EvalCase], n: int | None, known_only: 
 
 def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | Sequence[EvalCase], *,
              out: str | Path | None = None, mode: str = "single", n: int | None = None, format: str | None = None,
-             config: Any = None, batch_size: int = 10, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
+             config: Any = None, batch_size: int | None = None, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
              protocols: Sequence[str] = PROTOCOLS, known_only: bool = False, shard: tuple[int, int] = (0, 1),
              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Evaluate one or several methods on identical cases; returns ``{method: summary}``.
