@@ -50,8 +50,8 @@ def test_no_edit_locality_is_exactly_one(tiny):
 @pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
 def test_modes_write_lines_summary_and_report(tiny, tmp_path, mode):
     model, tok = tiny
-    out = evaluate(model, tok, "grace", _cases(), out=tmp_path, mode=mode, config=GRACE, batch_size=3,
-                   checkpoints=[1, 3], progress=False)
+    out = evaluate(model, tok, "grace", _cases(), out=tmp_path, mode=mode, config=GRACE,
+                   batch_size=3 if mode == "batch" else None, checkpoints=[1, 3], progress=False)
     s = out["grace"]
     assert s["counts"]["scored"] == 6 and s["failed_edits"] == 0
     assert _metrics(s)["reliability"]["token_em"]["mean"] == 1.0
@@ -70,6 +70,27 @@ def test_modes_write_lines_summary_and_report(tiny, tmp_path, mode):
     assert (tmp_path / "bars_token_em.png").stat().st_size > 1000
     if mode == "sequential":
         assert (tmp_path / "sequential_token_em.png").is_file()
+
+
+def test_sequential_in_batches_checkpoints_at_batch_ends(tiny, tmp_path):
+    """Batches of 2 appended to one MEMIT adapter; a checkpoint inside a batch is taken at its end."""
+    model, tok = tiny
+    memit = {"layers": [0, 1], "mom2_update_weight": 1.0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0,
+             "stats_tokens": 4000, "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0}
+    seen = []
+    real = runner_mod.Runner._edit
+
+    def spy(self, group, name, append=False):
+        seen.append((len(group), name, append))
+        return real(self, group, name, append=append)
+
+    import unittest.mock
+    with unittest.mock.patch.object(runner_mod.Runner, "_edit", spy):
+        s = evaluate(model, tok, "memit", _cases(), out=tmp_path, mode="sequential", config=memit, batch_size=2,
+                     checkpoints=[3], progress=False)["memit"]
+    assert seen == [(2, "eval-seq", False), (2, "eval-seq", True), (2, "eval-seq", True)]
+    assert [p["edits"] for p in s["curve"]] == [4, 6]
+    assert s["counts"]["scored"] == 6 and not model.edits
 
 
 class _Interrupt(Exception):
