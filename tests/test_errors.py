@@ -96,13 +96,18 @@ def test_nan_during_optimisation_leaves_model_untouched(tiny):
     assert not model.edits
 
 
+def _rome_target(model) -> str:
+    from editpeft.arch import get_arch
+    return get_arch(model).mlp_out_name(ROME["layer"])
+
+
 def test_duplicate_name_and_append_rules(tiny):
     model, _ = tiny
     model.add_edit("rome", REQ, name="a", config=ROME)
     with pytest.raises(EditError, match="already exists"):
         model.add_edit("rome", REQ, name="a", config=ROME)
-    with pytest.raises(EditError, match="cannot append"):
-        model.add_edit("rome", REQ, name="a", config=ROME, append=True)
+    other = EditRequest(prompt="The river that runs by the {}", subject="tower", target_new="Berlin")
+    assert model.add_edit("rome", other, name="a", append=True).deltas[_rome_target(model)].rank == 2
     with pytest.raises(EditError, match="cannot append 'grace' edits"):
         model.add_edit("grace", REQ, name="a", config=GRACE, append=True)
     with pytest.raises(EditError, match="no edit named 'b'"):

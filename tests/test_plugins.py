@@ -62,6 +62,8 @@ def test_third_party_router_plugin(plugin_site, tiny, tmp_path):
     assert greedy_next_tokens(model, tok, [REQ.prompt]) == [rome_target]
     edited = logits_of(model, tok, prompts)
     assert torch.equal(edited[1], base[1])  # the router leaves other prompts alone
+    with pytest.raises(editpeft.EditError, match="cannot append"):   # a method without extend()
+        model.add_edit("logit_bias", REQ, name="bias", append=True)
     with model.disabled_edits():
         assert torch.equal(logits_of(model, tok, prompts), base)
     # generate() goes through the router too
