@@ -32,7 +32,7 @@ def run_one(method: str, batch: int, n_facts: int) -> dict:
     from editpeft.stats import counters
 
     model, tok = editable_default_model()
-    cases = load_cases(COUNTERFACT)[:400]
+    cases = load_cases(COUNTERFACT)
     known = [c for c, k in zip(cases, known_mask(model, tok, cases)) if k][:n_facts]
     requests = [c.requests[0] for c in known]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -124,14 +124,14 @@ class AlphaEdit(editpeft.EditMethod):
             return null_space_direction(proj.to(keys.device), keys, earlier, config.l2)
 
         deltas, keys = spread_over_layers(model, tokenizer, requests, config.layers, config, solve)
-        new_keys = {t: k.T.contiguous() for t, k in keys.items()}                    # (in, n)
-        all_requests = list(requests)
-        if prior is not None:
-            deltas = join_deltas(prior.deltas, deltas)
-            new_keys = {t: torch.cat([prior.keys[t], k], 1) if t in prior.keys else k for t, k in new_keys.items()}
-            new_keys = {**prior.keys, **new_keys}
-            all_requests = prior.requests + all_requests
-        return NullSpaceAdapter(deltas, new_keys, method=self.name, hparams=config.to_dict(), requests=all_requests)
+        keys = {t: k.T.contiguous() for t, k in keys.items()}                        # (in, n) per module
+        if prior is None:
+            return NullSpaceAdapter(deltas, keys, method=self.name, hparams=config.to_dict(), requests=list(requests))
+        joined_keys = dict(prior.keys)
+        for t, k in keys.items():
+            joined_keys[t] = torch.cat([joined_keys[t], k], 1) if t in joined_keys else k
+        return NullSpaceAdapter(join_deltas(prior.deltas, deltas), joined_keys, method=self.name,
+                                hparams=config.to_dict(), requests=prior.requests + list(requests))
 
 
 def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
