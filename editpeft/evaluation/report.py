@@ -221,6 +221,9 @@ def plot(summaries: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
                 ys = [p["metrics"].get(metric, {}).get("token_em", {}).get("mean", float("nan")) for p in curve]
                 ax.plot(xs, ys, marker="o", label=label)
             ax.set_xscale("log")
+            ticks = sorted({p["edits"] for curve in curves.values() for p in curve})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_xlabel("number of edits")
             ax.set_title(f"{metric} (token_em)")
             ax.set_ylim(0, 1.05)
