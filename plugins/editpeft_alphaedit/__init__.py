@@ -116,8 +116,7 @@ class AlphaEdit(editpeft.EditMethod):
         def solve(target: str, keys: torch.Tensor) -> torch.Tensor:
             dim = keys.shape[1]
             if config.preserve:
-                mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
-                proj = null_space_projector(mom2, config.nullspace_threshold)
+                proj = _projector(model, tokenizer, target, config)
             else:
                 proj = torch.eye(dim, dtype=torch.float64)
             earlier = prior.keys.get(target) if prior is not None else None
@@ -132,6 +131,16 @@ class AlphaEdit(editpeft.EditMethod):
             joined_keys[t] = torch.cat([joined_keys[t], k], 1) if t in joined_keys else k
         return NullSpaceAdapter(join_deltas(prior.deltas, deltas), joined_keys, method=self.name,
                                 hparams=config.to_dict(), requests=prior.requests + list(requests))
+
+
+def _projector(model, tokenizer, target: str, config: AlphaEditConfig) -> torch.Tensor:
+    """P for ``target``, memoised on the model's edit state next to the statistics it comes from."""
+    memo = model._editpeft.memo
+    key = ("alphaedit_projector", target, config.stats_corpus, config.stats_tokens, config.nullspace_threshold)
+    if key not in memo:
+        mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
+        memo[key] = null_space_projector(mom2, config.nullspace_threshold)
+    return memo[key]
 
 
 def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
