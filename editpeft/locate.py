@@ -28,6 +28,7 @@ from .corpus import CORPORA
 from .errors import EditOptimizationError
 from .method import MethodConfig, check
 from .request import EditRequest
+from .stats import second_moment
 from .tokens import TargetBatch
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,11 @@ class LocateEditConfig(MethodConfig):
                     clamp_norm_factor=self.clamp_norm_factor, stop_nll=self.stop_nll)
 
 
+def key_statistics(model, tokenizer, module_name: str, config: LocateEditConfig) -> torch.Tensor:
+    """C = E[k kᵀ] of ``module_name``'s inputs on the config's corpus (cached, see :mod:`editpeft.stats`)."""
+    return second_moment(model, tokenizer, module_name, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
+
+
 @dataclass
 class ValueResult:
     delta: torch.Tensor        # (out_features,) change of the module output at the subject
@@ -182,8 +188,8 @@ def optimize_values(model, tokenizer, module_name: str, requests: Sequence[EditR
     + weight_decay * |delta_i| / |v_i|^2, delta_i clamped to clamp_norm_factor * |v_i| (ROME §3.1,
     Eq. 4; MEMIT Eq. 16). Requests can be optimised ``chunk`` at a time in one batched forward:
     each delta_i is its own Adam parameter and only its own rows depend on it, so the result is
-    the same as optimising them one by one. On CPU this is compute-bound and chunks of 16 were
-    2.6x slower than one at a time (the LM head runs over the union of the rows' target
+    the same as optimising them one by one. On CPU the work is compute-bound and a chunk of 16
+    was slower than one at a time (the LM head then runs over the union of the rows' target
     positions), hence the default of 1. A request stops once its target NLL is below ``stop_nll``
     (the reference code stops on the total loss, which on small models never gets below its
     threshold once the clamp is reached) and its rows leave the batch.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from abc import abstractmethod
 from typing import Callable, Sequence
 
 import torch
@@ -29,9 +30,10 @@ import torch
 from .adapters import WeightDeltaAdapter
 from .arch import get_arch
 from .attach import LowRankDelta, temporary_deltas
-from .locate import LocateEditConfig, context_templates, optimize_values, subject_activations, subject_keys
-from .method import check
-from .request import EditRequest
+from .locate import (LocateEditConfig, context_templates, key_statistics, optimize_values, subject_activations,
+                     subject_keys)
+from .method import EditMethod, check
+from .request import EditRequest, require_subjects
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +109,24 @@ class AppendByStacking:
         joined = type(new)(join_deltas(adapter.deltas, new.deltas), method=new.method, hparams=new.hparams,
                            requests=adapter.requests + new.requests)
         return joined
+
+
+class StatisticsSpreadMethod(AppendByStacking, EditMethod):
+    """A batch method whose per-layer rule needs only the keys and the layer's statistics C
+    (MEMIT, EMMET): subclasses implement :meth:`direction`; values, keys, the spread over
+    ``config.layers`` and sequential append come from here."""
+
+    kind = "weight_delta"
+
+    @abstractmethod
+    def direction(self, mom2: torch.Tensor, keys: torch.Tensor, config: LayerRangeConfig) -> torch.Tensor:
+        """The 'down' factor (in × n) for keys (n × in) given C (in × in)."""
+
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: LayerRangeConfig) -> WeightDeltaAdapter:
+        require_subjects(requests, self.name)
+
+        def solve(target: str, keys: torch.Tensor) -> torch.Tensor:
+            return self.direction(key_statistics(model, tokenizer, target, config).to(keys.device), keys, config)
+
+        deltas, _ = spread_over_layers(model, tokenizer, requests, config.layers, config, solve)
+        return WeightDeltaAdapter(deltas, method=self.name, hparams=config.to_dict(), requests=list(requests))

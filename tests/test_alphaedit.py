@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import editpeft
+import editpeft.locate
 import editpeft_alphaedit
 import editpeft_memit
 from editpeft import EditRequest
@@ -52,7 +53,7 @@ def test_empty_preserved_set_reduces_to_memit(tiny, monkeypatch):
     model.add_edit("alphaedit", [A, B], name="a", config={**ALPHA, "preserve": False, "l2": 1.0})
     alpha = logits_of(model, tok, PROMPTS)
     model.remove_edit("a")
-    monkeypatch.setattr(editpeft_memit, "second_moment",
+    monkeypatch.setattr(editpeft.locate, "second_moment",
                         lambda m, t, name, **kw: torch.eye(linear_dims(m.get_submodule(name))[0]))
     model.add_edit("memit", [A, B], name="m", config={**VALUE, "layers": [0, 1], "mom2_update_weight": 1.0})
     memit = logits_of(model, tok, PROMPTS)

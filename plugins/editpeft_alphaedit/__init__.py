@@ -44,7 +44,7 @@ from editpeft.errors import AdapterFormatError, EditOptimizationError
 from editpeft.mass_edit import LayerRangeConfig, join_deltas, spread_over_layers
 from editpeft.method import check
 from editpeft.request import require_subjects
-from editpeft.stats import second_moment
+from editpeft.locate import key_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ def _projector(model, tokenizer, target: str, config: AlphaEditConfig) -> torch.
     memo = model._editpeft.memo
     key = ("alphaedit_projector", target, config.stats_corpus, config.stats_tokens, config.nullspace_threshold)
     if key not in memo:
-        mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
-        memo[key] = null_space_projector(mom2, config.nullspace_threshold)
+        memo[key] = null_space_projector(key_statistics(model, tokenizer, target, config), config.nullspace_threshold)
     return memo[key]
 
 

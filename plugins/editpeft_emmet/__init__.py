@@ -25,17 +25,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
-import editpeft
-from editpeft import EditRequest, WeightDeltaAdapter
 from editpeft.errors import EditOptimizationError
-from editpeft.mass_edit import AppendByStacking, LayerRangeConfig, spread_over_layers
+from editpeft.mass_edit import LayerRangeConfig, StatisticsSpreadMethod
 from editpeft.method import check
-from editpeft.request import require_subjects
-from editpeft.stats import second_moment
 
 
 @dataclass
@@ -50,20 +45,12 @@ class EmmetConfig(LayerRangeConfig):
         check(self.ridge >= 0, "ridge must be >= 0")
 
 
-class Emmet(AppendByStacking, editpeft.EditMethod):
+class Emmet(StatisticsSpreadMethod):
     name = "emmet"
-    kind = "weight_delta"
     Config = EmmetConfig
 
-    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: EmmetConfig) -> WeightDeltaAdapter:
-        require_subjects(requests, self.name)
-
-        def solve(target: str, keys: torch.Tensor) -> torch.Tensor:
-            mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
-            return equality_direction(mom2.to(keys.device), keys, config.ridge)
-
-        deltas, _ = spread_over_layers(model, tokenizer, requests, config.layers, config, solve)
-        return WeightDeltaAdapter(deltas, method=self.name, hparams=config.to_dict(), requests=list(requests))
+    def direction(self, mom2: torch.Tensor, keys: torch.Tensor, config: EmmetConfig) -> torch.Tensor:
+        return equality_direction(mom2, keys, config.ridge)
 
 
 def equality_direction(mom2: torch.Tensor, keys: torch.Tensor, ridge: float) -> torch.Tensor:

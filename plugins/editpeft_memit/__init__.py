@@ -21,22 +21,13 @@ Example:
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
-import editpeft
-from editpeft import EditRequest, WeightDeltaAdapter
 from editpeft.errors import EditOptimizationError
-from editpeft.mass_edit import AppendByStacking, LayerRangeConfig, spread_over_layers
+from editpeft.mass_edit import LayerRangeConfig, StatisticsSpreadMethod
 from editpeft.method import check
-from editpeft.request import require_subjects
-from editpeft.stats import second_moment
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class MemitConfig(LayerRangeConfig):
@@ -47,20 +38,12 @@ class MemitConfig(LayerRangeConfig):
         check(self.mom2_update_weight > 0, "mom2_update_weight must be > 0")
 
 
-class Memit(AppendByStacking, editpeft.EditMethod):
+class Memit(StatisticsSpreadMethod):
     name = "memit"
-    kind = "weight_delta"
     Config = MemitConfig
 
-    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MemitConfig) -> WeightDeltaAdapter:
-        require_subjects(requests, self.name)
-
-        def solve(target: str, keys: torch.Tensor) -> torch.Tensor:
-            mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
-            return spread_direction(mom2.to(keys.device), keys, config.mom2_update_weight)
-
-        deltas, _ = spread_over_layers(model, tokenizer, requests, config.layers, config, solve)
-        return WeightDeltaAdapter(deltas, method=self.name, hparams=config.to_dict(), requests=list(requests))
+    def direction(self, mom2: torch.Tensor, keys: torch.Tensor, config: MemitConfig) -> torch.Tensor:
+        return spread_direction(mom2, keys, config.mom2_update_weight)
 
 
 def spread_direction(mom2: torch.Tensor, keys: torch.Tensor, weight: float) -> torch.Tensor:

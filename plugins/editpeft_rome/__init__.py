@@ -44,11 +44,10 @@ from editpeft import EditRequest, WeightDeltaAdapter
 from editpeft.arch import get_arch
 from editpeft.attach import LowRankDelta, temporary_deltas
 from editpeft.errors import EditOptimizationError
-from editpeft.locate import LocateEditConfig, context_templates, optimize_value, subject_keys
+from editpeft.locate import LocateEditConfig, context_templates, key_statistics, optimize_value, subject_keys
 from editpeft.mass_edit import AppendByStacking
 from editpeft.method import check
 from editpeft.request import require_subjects
-from editpeft.stats import second_moment
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class Rome(AppendByStacking, editpeft.EditMethod):
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: RomeConfig) -> WeightDeltaAdapter:
         require_subjects(requests, self.name)
         target = get_arch(model).mlp_out_name(config.layer)
-        mom2 = second_moment(model, tokenizer, target, corpus=config.stats_corpus, n_tokens=config.stats_tokens)
+        mom2 = key_statistics(model, tokenizer, target, config)
         templates = context_templates(model, tokenizer, config.context_lengths, config.seed)
         ups, downs = [], []
         for request in requests:
