@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ from .request import EditRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     from .editable import EditState
+    from .routing import Prompts, Route
 
 KINDS = ("weight_delta", "module_hook", "router")
 
@@ -232,15 +233,47 @@ def _transform(adapter: ModuleHookAdapter, target: str) -> Callable:
 
 
 class RouterAdapter(EditAdapter):
-    """Wraps the whole model's ``forward`` (and therefore ``generate``): counterfactual models,
-    in-context editing. ``route`` gets the forward's keyword arguments and ``call_next``, which
-    runs the next router or the model itself."""
+    """Governs the whole model's ``forward`` and ``generate`` (counterfactual models, in-context
+    editing, logit rules); the machinery lives in :mod:`editpeft.routing`.
+
+    Override any of:
+
+    - ``decide(model, prompts)``: once per sequence, from the caller's prompt, one
+      :class:`~editpeft.routing.Route` per in-scope row (prefix token ids to prepend, a side
+      model to serve the row, an ``entry`` of your own) or ``None`` per out-of-scope row. The
+      decision is kept for every generated token of that sequence.
+    - ``route(model, inputs, call_next)``: wraps every forward (first router outermost); get
+      this router's decisions and the sequence's tokens so far with
+      ``editpeft.routing.current_session(model)``.
+    - ``side_modules()``: named modules (scope classifier, counterfactual model) saved in the
+      adapter's safetensors as ``side.<name>.*`` (include ``super().state_dict()`` in yours) and
+      moved to the base model's device and dtype when routing.
+
+    Example:
+        >>> class Prepend(RouterAdapter):                                         # doctest: +SKIP
+        ...     def decide(self, model, prompts):
+        ...         return [Route(prefix=self.ids) if self.trigger in prompts.texts()[i] else None
+        ...                 for i in range(len(prompts))]
+    """
 
     kind = "router"
 
-    @abstractmethod
+    def decide(self, model, prompts: "Prompts") -> Sequence["Route | None"]:
+        """One :class:`Route` (in scope) or ``None`` per row of ``prompts``; default: none in scope."""
+        return [None] * len(prompts)
+
     def route(self, model, inputs: dict[str, Any], call_next: Callable[[dict[str, Any]], Any]) -> Any:
         """Return the model output for ``inputs``; ``call_next(inputs)`` runs the rest of the stack."""
+        return call_next(inputs)
+
+    def side_modules(self) -> dict[str, torch.nn.Module]:
+        """Named side modules (names without '.'); not submodules of the base model."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The side modules' tensors (``side.<name>.<param>``); subclasses add their own."""
+        from .routing import side_state_dict
+        return side_state_dict(self.side_modules())
 
     def attach(self, state: "EditState") -> None:
         self._state = state

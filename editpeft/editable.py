@@ -220,30 +220,50 @@ class EditableMixin:
         return find_conflicts([(n, a.requests) for n, a in state.edits.items() if a.active])
 
 
+def _live_routers(model) -> list[EditAdapter]:
+    state = model._editpeft
+    return state.live_routers() if state.enabled else []
+
+
 def _routed_forward(self, *args, **kwargs):
-    routers = self._editpeft.live_routers() if self._editpeft.enabled else []
+    """``forward`` through the live router edits (:mod:`editpeft.routing`); the base forward
+    itself when none is live."""
+    routers = _live_routers(self)
     base_forward = super(type(self), self).forward
     if not routers:
         return base_forward(*args, **kwargs)
     if args:
         params = list(inspect.signature(base_forward).parameters)
         kwargs.update(zip(params, args))
+    from .routing import routed_forward
+    return routed_forward(self, routers, base_forward, kwargs)
 
-    def call(i: int, inputs: dict[str, Any]):
-        if i == len(routers):
-            return base_forward(**inputs)
-        return routers[i].route(self, inputs, lambda nxt: call(i + 1, nxt))
-    return call(0, kwargs)
+
+def _routed_generate(self, *args, **kwargs):
+    """``generate`` with one routing decision per sequence, kept for every generated token."""
+    base_generate = super(type(self), self).generate
+    if not _live_routers(self):
+        return base_generate(*args, **kwargs)
+    from .routing import routed_generate
+    return routed_generate(self, base_generate, args, kwargs)
 
 
 @functools.lru_cache(maxsize=None)
 def _editable_class(base: type) -> type:
-    """A subclass of ``base`` with the edit API; same name so saved configs are unchanged."""
+    """A subclass of ``base`` with the edit API; same name so saved configs are unchanged.
+    ``forward`` and ``generate`` go through the router edits when any is live."""
     def forward(self, *args, **kwargs):
         return _routed_forward(self, *args, **kwargs)
     forward.__signature__ = inspect.signature(base.forward)
     forward.__doc__ = base.forward.__doc__
-    cls = type(base.__name__, (EditableMixin, base), {"forward": forward, "__module__": base.__module__})
+    attrs = {"forward": forward, "__module__": base.__module__}
+    if callable(getattr(base, "generate", None)):
+        def generate(self, *args, **kwargs):
+            return _routed_generate(self, *args, **kwargs)
+        generate.__signature__ = inspect.signature(base.generate)
+        generate.__doc__ = base.generate.__doc__
+        attrs["generate"] = generate
+    cls = type(base.__name__, (EditableMixin, base), attrs)
     cls.__qualname__ = base.__qualname__
     return cls
 

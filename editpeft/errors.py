@@ -44,3 +44,8 @@ class DefaultModelMissingError(EditError, ImportError):
 
 class DatasetFormatError(EditError, ValueError):
     """An evaluation file matches no known format, or one of its records is malformed."""
+
+
+class RoutingError(EditError):
+    """A router edit cannot route this call (unsupported decoding mode, or a router that broke
+    its contract)."""

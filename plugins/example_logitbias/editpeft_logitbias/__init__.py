@@ -2,8 +2,9 @@
 
 When the subject's tokens occur in the input, the adapter adds ``bias`` to the logit of the new
 object's first token at every position after the subject, until that token appears. It is a *router* adapter (the model-level attachment
-point: it sees the inputs and the outputs of the whole forward), it has one hyper-parameter with
-help text, and its tensors are saved and loaded by editpeft like any other adapter's.
+point: it decides once per sequence, from the prompt, and sees the outputs of every forward of
+that sequence, generated tokens included), it has one hyper-parameter with help text, and its
+tensors are saved and loaded by editpeft like any other adapter's.
 
 Example:
     >>> model.add_edit("logit_bias", EditRequest(prompt="The Eiffel Tower is in", subject="Eiffel Tower",
@@ -18,6 +19,7 @@ import torch
 
 import editpeft
 from editpeft.request import require_subjects
+from editpeft.routing import Prompts, Route, current_session
 from editpeft.tokens import target_token_ids
 
 
@@ -44,23 +46,34 @@ class LogitBiasAdapter(editpeft.RouterAdapter):
     def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "LogitBiasAdapter":
         return cls(tensors["trigger"], tensors["target"], **common)
 
+    def decide(self, model, prompts: Prompts) -> list[Route | None]:
+        """Once per sequence: a row is in scope when its prompt contains the subject; the
+        route's ``entry`` is the column of the subject's last token."""
+        trig, n = self.trigger.tolist(), len(self.trigger)
+        routes: list[Route | None] = []
+        for row in range(len(prompts)):
+            seq, cols = prompts.tokens(row), prompts.positions(row)
+            ends = [cols[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n] == trig]
+            routes.append(Route(entry=ends[0]) if ends else None)
+        return routes
+
     def route(self, model, inputs: dict[str, Any], call_next: Callable[[dict[str, Any]], Any]) -> Any:
-        """Boost the target at every position from the end of the subject until the target appears."""
+        """Boost the target at every position from the end of the subject until the target appears
+        (in the prompt or among the tokens generated so far)."""
         out = call_next(inputs)
-        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
-        if ids is None or (mask is not None and mask.dim() != 2):
+        session = current_session(model)
+        if session is None:
             return out
-        lengths = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
-        trig, n, target = self.trigger.tolist(), len(self.trigger), int(self.target)
-        shift = ids.shape[1] - out.logits.shape[1]          # logits may cover only the tail
+        ids = session.input_ids                          # the whole sequence so far
+        target = int(self.target)
+        shift = ids.shape[1] - out.logits.shape[1]       # logits cover only the last columns
         logits = out.logits.clone()
-        for row in range(ids.shape[0]):
-            seq = ids[row, : int(lengths[row])].tolist()
-            ends = [i + n - 1 for i in range(len(seq) - n + 1) if seq[i:i + n] == trig]
-            if not ends:
+        for row, decision in enumerate(session.routes(self)):
+            if decision is None:
                 continue
-            stop = next((j - 1 for j in range(ends[0] + 1, len(seq)) if seq[j] == target), len(seq) - 1)
-            for q in range(max(ends[0], shift), stop + 1):
+            seq = ids[row].tolist()
+            stop = next((j - 1 for j in range(decision.entry + 1, len(seq)) if seq[j] == target), len(seq) - 1)
+            for q in range(max(decision.entry, shift), stop + 1):
                 logits[row, q - shift, target] += self.hparams["bias"]
         out.logits = logits
         return out
