@@ -318,6 +318,7 @@ class RoutingState:
         self._by_cache: dict[int, tuple[weakref.ref, RoutingSession]] = {}
         self.generations: list[_Generation] = []
         self.current: RoutingSession | None = None
+        self.deciding = False
 
     def register(self, cache: Any, session: RoutingSession) -> None:
         key = _cache_key(cache)
@@ -409,8 +410,13 @@ def _new_session(model: nn.Module, routers: Sequence["RouterAdapter"], base_forw
         for name, module in sides.items():
             _check_side_name(name)
             _place(module, device, dtype)
-        with torch.no_grad():
-            routes = list(router.decide(model, prompts))
+        rs = routing_state(model)
+        rs.deciding = True                  # model calls inside decide() run without routers
+        try:
+            with torch.no_grad():
+                routes = list(router.decide(model, prompts))
+        finally:
+            rs.deciding = False
         if len(routes) != len(prompts) or not all(r is None or isinstance(r, Route) for r in routes):
             raise RoutingError(f"router {router.name!r} ({type(router).__name__}.decide) must return one "
                                f"Route or None per row ({len(prompts)} rows), got {routes!r:.200}")
@@ -531,6 +537,8 @@ def routed_forward(model: nn.Module, routers: Sequence["RouterAdapter"], base_fo
                    inputs: dict[str, Any]) -> Any:
     """``model.forward(**inputs)`` under ``routers`` (live, in insertion order)."""
     rs = routing_state(model)
+    if rs.deciding:
+        return base_forward(**inputs)
     return_dict = inputs.pop("return_dict", None)
     session, mode = _find_session(model, rs, routers, base_forward, inputs)
     hooks = [r for r in routers if type(r).route is not _default_route()]
@@ -576,8 +584,10 @@ def _check_decoding(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
 
 def routed_generate(model: nn.Module, base_generate: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
     """``model.generate`` with one routing session for the whole call (see the module docstring)."""
-    _check_decoding(model, kwargs)
     rs = routing_state(model)
+    if rs.deciding:
+        return base_generate(*args, **kwargs)
+    _check_decoding(model, kwargs)
     generation = _Generation()
     rs.generations.append(generation)
     try:

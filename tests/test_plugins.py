@@ -70,6 +70,13 @@ def test_third_party_router_plugin(plugin_site, tiny, tmp_path):
     enc = tok(REQ.prompt, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=0)
     assert out[0, -1].item() == rome_target
+    # ... for every generated token (KV cache): the bias holds until the target appears, then stops
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out[0, enc["input_ids"].shape[1]].item() == rome_target
+    with model.disabled_edits():
+        plain = model.generate(input_ids=out[:, :enc["input_ids"].shape[1] + 1], max_new_tokens=3,
+                               do_sample=False, pad_token_id=0)
+    assert torch.equal(out, plain)
     # stacks with a core method; save/load round trip
     model.add_edit("grace", EditRequest(prompt="The chemical symbol for gold is", target_new="Ag"),
                    name="g", config={"layer": 0})
