@@ -105,6 +105,7 @@ class GraceAdapter(ModuleHookAdapter):
 class Grace(editpeft.EditMethod):
     name = "grace"
     kind = "module_hook"
+    topologies = ("causal", "seq2seq")
     Config = GraceConfig
     adapter_class = GraceAdapter
 
