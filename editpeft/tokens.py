@@ -51,7 +51,7 @@ def decoder_start_id(model) -> int:
                                 "model.config.decoder_start_token_id (T5 uses its pad id, 0)")
 
 
-def _padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and the matching attention mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -137,7 +137,7 @@ class TargetBatch:
               device: torch.device | str | None = None) -> "TargetBatch":
         """The causal form (``prompt + target`` in one sequence)."""
         prompt_ids, tids, subj = cls._encode(tokenizer, prompts, targets, subject_spans)
-        input_ids, mask = _padded([p + t for p, t in zip(prompt_ids, tids)], pad_id(tokenizer))
+        input_ids, mask = pad_rows([p + t for p, t in zip(prompt_ids, tids)], pad_id(tokenizer))
         if device is not None:
             input_ids, mask = input_ids.to(device), mask.to(device)
         return cls(input_ids, mask, [len(p) for p in prompt_ids], tids, subj)
@@ -149,8 +149,8 @@ class TargetBatch:
         """The seq2seq form: prompts to the encoder, ``[decoder_start] + target`` to the decoder."""
         prompt_ids, tids, subj = cls._encode(tokenizer, prompts, targets, subject_spans)
         pad = pad_id(tokenizer)
-        input_ids, mask = _padded(prompt_ids, pad)
-        dec_ids, dec_mask = _padded([[int(decoder_start)] + t for t in tids], pad)
+        input_ids, mask = pad_rows(prompt_ids, pad)
+        dec_ids, dec_mask = pad_rows([[int(decoder_start)] + t for t in tids], pad)
         if device is not None:
             input_ids, mask, dec_ids, dec_mask = (t.to(device) for t in (input_ids, mask, dec_ids, dec_mask))
         return cls(input_ids, mask, [len(p) for p in prompt_ids], tids, subj, dec_ids, dec_mask)
