@@ -29,7 +29,7 @@ from .errors import EditOptimizationError
 from .method import MethodConfig, check
 from .request import EditRequest
 from .stats import second_moment
-from .tokens import TargetBatch
+from .tokens import TargetBatch, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
             enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
             try:
                 out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                     pad_token_id=pad_id(tokenizer))
             except RuntimeError as e:
                 raise EditOptimizationError(f"sampling context prefixes failed ({e}): the model produces "
                                             "non-finite outputs; the model was left unchanged") from None

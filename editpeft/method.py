@@ -86,6 +86,9 @@ class EditMethod(ABC):
     kind: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     adapter_class: ClassVar[type[EditAdapter] | None] = None
+    #: model topologies the method can edit (see ``editpeft.arch``): "causal" (decoder-only)
+    #: and/or "seq2seq" (encoder-decoder, e.g. T5), e.g. ``topologies = ("causal", "seq2seq")``
+    topologies: ClassVar[tuple[str, ...]] = ("causal",)
 
     # -- capabilities: checked once by add_edit before any work ---------------------------------
     #: every request must name its subject (locate-then-edit methods)
