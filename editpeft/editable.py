@@ -79,7 +79,17 @@ class EditState:
         return self.module(name).weight
 
     def fingerprint(self, targets: Iterable[str]) -> str:
-        return model_fingerprint(self.model, targets, self.original_weight)
+        """Hash of the config and the original weights of ``targets``; a composite target (an MLP
+        read by patch neurons) stands for the weighted modules inside it."""
+        leaves = []
+        for name in targets:
+            module = self.module(name)
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                leaves.append(name)
+            else:
+                leaves += [f"{name}.{sub}" for sub, m in module.named_modules()
+                           if sub and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        return model_fingerprint(self.model, leaves, self.original_weight)
 
     def reorder_slots(self) -> None:
         order = {id(a): i for i, a in enumerate(self.edits.values())}

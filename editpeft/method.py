@@ -95,8 +95,6 @@ class EditMethod(ABC):
     needs_subject: ClassVar[bool] = False
     #: a list of several requests can be edited in one call
     supports_batch: ClassVar[bool] = True
-    #: model topologies the method works on: "causal" (decoder-only) and/or "seq2seq"
-    topologies: ClassVar[tuple[str, ...]] = ("causal",)
 
     @abstractmethod
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MethodConfig) -> EditAdapter:

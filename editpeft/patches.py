@@ -117,12 +117,7 @@ class PatchSite:
     def ffn(cls, model, layer: int, stack: str | None = None) -> "PatchSite":
         """The feed-forward layer of block ``layer`` (of ``stack`` in encoder–decoder models)."""
         arch = get_arch(model)
-        site = getattr(arch, "site", None)
-        if site is None:   # layouts without named sites: the MLP output projection's own input/output
-            name = arch.mlp_out_name(layer)
-            return cls(name, name)
-        kwargs = {"stack": stack} if stack else {}
-        return cls(site(layer, "mlp_in", **kwargs).module, site(layer, "mlp_out", **kwargs).module)
+        return cls(arch.site(layer, "mlp_in", stack).module, arch.site(layer, "mlp_out", stack).module)
 
 
 class PatchNeuronAdapter(ModuleHookAdapter):

@@ -150,7 +150,7 @@ def test_gated_patch_formula_and_append():
     expected = (torch.nn.functional.silu(x @ keys.T + bias) * (x @ gate.T)) @ values
     torch.testing.assert_close(a(x), expected)
     torch.testing.assert_close(a.append(a)(x), 2 * expected)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="key_bias"):
         PatchNeurons(torch.zeros(2, 4), torch.zeros(3), torch.zeros(2, 3))
 
 
@@ -173,14 +173,29 @@ def test_training_loop_refuses_divergence_and_bad_settings():
             TrainConfig(**bad)
 
 
-def test_grace_nan_learning_rate_leaves_the_model_untouched(tiny):
+def test_divergence_inside_a_method_leaves_the_model_untouched(tiny, monkeypatch):
+    """A loss that turns NaN midway through a method's training (hooks in place) raises an
+    EditOptimizationError; nothing stays attached or hooked and the weights are bitwise unchanged."""
+    import editpeft.train
     model, tok = tiny
     snap = params_snapshot(model)
+    real = editpeft.train.train_tensors
+
+    def poisoned(params, loss_fn, config, **kw):
+        calls = {"n": 0}
+
+        def loss(p):
+            calls["n"] += 1
+            value = loss_fn(p)
+            return value * float("nan") if calls["n"] > 3 else value
+        return real(params, loss, config, **kw)
+    monkeypatch.setattr("toy_methods.train_tensors", poisoned)
     req = EditRequest(prompt="The city that holds the Eiffel Tower", target_new="Rome")
-    with pytest.raises(editpeft.EditError):
-        model.add_edit("grace", req, config={"layer": 0, "lr": 1e30, "steps": 20})
-    assert not model.edits
-    assert_untouched(model, snap)
+    for method in ("toy-dense", "toy-patch", "toy-side"):
+        with pytest.raises(EditOptimizationError, match="left unchanged"):
+            model.add_edit(method, req, config={"steps": 10})
+        assert not model.edits
+        assert_untouched(model, snap)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -30,11 +30,8 @@ class ToyConfig(MethodConfig):
 
 
 def _batch(model, tokenizer, requests) -> TargetBatch:
-    build = getattr(TargetBatch, "for_model", None)
-    prompts, targets = [r.prompt for r in requests], [r.target_new for r in requests]
-    if build is not None:
-        return build(model, tokenizer, prompts, targets, device=model_device(model))
-    return TargetBatch.build(tokenizer, prompts, targets, device=model_device(model))
+    return TargetBatch.for_model(model, tokenizer, [r.prompt for r in requests], [r.target_new for r in requests],
+                                 device=model_device(model))
 
 
 def _layer(model, config: ToyConfig) -> int:
@@ -83,12 +80,12 @@ class ToyPatch(editpeft.EditMethod):
                 model(**batch.model_inputs(), use_cache=False)
         finally:
             handle.remove()
-        ids = getattr(batch, "hidden_ids", batch.input_ids)
-        x = captured[0].reshape(ids.shape[0], ids.shape[1], -1)
+        ids = batch.decoder_ids
+        x = captured[-1].reshape(ids.shape[0], ids.shape[1], -1)
         keys = torch.stack([x[i, batch.last_prompt[i]] for i in range(len(requests))]).float()
         keys = keys / keys.norm(dim=-1, keepdim=True) ** 2          # activation 1 at the key itself
         bias = torch.zeros(len(requests))
-        d_out = model.config.hidden_size if not hasattr(model.config, "d_model") else model.config.d_model
+        d_out = get_arch(model).site_width("mlp_out")
         template = PatchNeurons(keys, bias - 0.5, torch.zeros(len(requests), d_out), activation="relu")
 
         def loss(p):
