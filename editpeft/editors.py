@@ -304,6 +304,8 @@ def load_editor(path_or_repo: str | os.PathLike, *, revision: str | None = None,
     editor.validate()
     if model is not None:
         method = info.cls()
+        if tokenizer is None and getattr(model, "_editpeft", None) is not None:
+            tokenizer = model._editpeft.tokenizer
         cfg = method.resolve_config(model, dict(editor.hparams))
         check_editor(method, model, tokenizer, editor, cfg)
     return editor
@@ -316,8 +318,12 @@ def check_editor(method, model, tokenizer, editor: Editor, config) -> None:
         raise EditError(f"editor {editor.id!r} was trained for method {editor.method!r}, not {method.name!r}")
     editor.validate()
     editor.check_base(model, editor.allow_mismatch)
-    with _seeded(0, model):
+    with _seeded(0, model, "template"):
         template = method.init_editor(model, tokenizer, config)
+    if list(template.targets) != list(editor.targets):
+        raise ConfigError(f"editor {editor.id!r} was trained on {', '.join(editor.targets)} but this config selects "
+                          f"{', '.join(template.targets)}; keep the editor's hparams ({editor.hparams}) or train "
+                          "an editor for these settings")
     want, have = template.tensors, editor.tensors
     if set(want) != set(have):
         raise EditorFormatError(f"editor {editor.id!r} has tensors {sorted(have)} but method {method.name!r} with "
@@ -461,7 +467,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
     eval_every = eval_every or checkpoint_every
     device = next(model.parameters()).device
 
-    with _seeded(seed, model):
+    with _seeded(seed, model, "init"):
         editor = impl.init_editor(model, tokenizer, cfg)
     if not isinstance(editor, Editor) or editor.method != impl.name:
         raise EditError(f"{impl.name}.init_editor returned {editor!r}, not an Editor of method {impl.name!r}")
@@ -493,7 +499,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
             return
         sums: dict[str, float] = {}
         for i in range(0, len(val), batch_size):
-            with _seeded(seed, model, -1 - i):
+            with _seeded(seed, model, f"val-{i}"):
                 metrics = impl.editor_eval(editor, model, tokenizer, val[i:i + batch_size], cfg)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(val[i:i + batch_size])
@@ -510,7 +516,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
         try:
             for step in range(start, steps):
                 batch = [requests[i] for i in _batch_indices(step, batch_size, len(requests), seed)]
-                with _seeded(seed, model, step):
+                with _seeded(seed, model, f"step-{step}"):
                     losses = impl.editor_step(editor, model, tokenizer, batch, cfg)
                     loss = losses.get("loss") if isinstance(losses, Mapping) else None
                     if not (torch.is_tensor(loss) and loss.ndim == 0 and loss.requires_grad):
@@ -579,12 +585,13 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 @contextmanager
-def _seeded(seed: int, model, step: int | None = None) -> Iterator[None]:
-    """Run the block under a seed derived from (``seed``, ``step``), leaving the global RNG as it was."""
+def _seeded(seed: int, model, tag: str) -> Iterator[None]:
+    """Run the block under a seed derived from (``seed``, ``tag``), leaving the global RNG as it was."""
     device = next(model.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
+    derived = int.from_bytes(hashlib.sha256(f"{seed}/{tag}".encode()).digest()[:8], "little") % (2 ** 63)
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed((seed * 1_000_003 + (step if step is not None else 0) * 7919 + 17) % (2 ** 63))
+        torch.manual_seed(derived)
         yield
 
 

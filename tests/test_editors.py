@@ -201,6 +201,8 @@ def test_train_save_push_reload_offline_same_adapter(tiny, toy_data, tmp_path, m
     with pytest.raises(editpeft.BaseModelMismatchError):
         editpeft.load_editor(tmp_path / "ed", model=other, tokenizer=tok)
     assert not other.edits
+    with pytest.raises(editpeft.ConfigError, match="was trained on model.layers.1.mlp.down_proj"):
+        model.add_edit("grad_step", REQ, editor=editor, config={"layer": 0})
     other.add_edit("grad_step", REQ, editor=editpeft.load_editor(tmp_path / "ed", allow_mismatch=True))
 
 
@@ -306,3 +308,19 @@ def test_cli_train_help_lists_trainable_methods_and_trains(tmp_path, tiny_tokeni
     assert main(["train", "rome", "--data", str(train), "--out", str(tmp_path / "x"), "--model",
                  str(tmp_path / "m")]) == 2
     assert "does not learn an editor" in capsys.readouterr().err
+
+
+def test_training_data_reads_request_lists_and_dataset_formats(tmp_path):
+    from editpeft.editors import read_training_data
+    zsre = [{"src": "What city holds the Eiffel Tower?", "alt": "Rome", "answers": ["Paris"], "subject": "Eiffel Tower",
+             "rephrase": "Where is the Eiffel Tower?", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}]
+    (tmp_path / "zsre.json").write_text(json.dumps(zsre))
+    (req,), name, digest = read_training_data(tmp_path / "zsre.json")
+    assert (req.target_new, req.target_true, req.subject) == ("Rome", "Paris", "Eiffel Tower")
+    assert req.paraphrases == ("Where is the Eiffel Tower?",) and req.locality == ("nq question: who wrote hamlet",)
+    assert name == "zsre.json" and len(digest) == 64
+    (tmp_path / "reqs.jsonl").write_text("\n".join(json.dumps(r) for r in toy_requests(3)))
+    reqs, _, _ = read_training_data(tmp_path / "reqs.jsonl")
+    assert [r.subject for r in reqs] == SUBJECTS[:3] and reqs[0].paraphrases
+    with pytest.raises(editpeft.DatasetFormatError, match="matches no known format"):
+        read_training_data([{"question": "?"}])
