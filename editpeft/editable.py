@@ -83,7 +83,7 @@ class EditState:
     def reorder_slots(self) -> None:
         order = {id(a): i for i, a in enumerate(self.edits.values())}
         for slot in self.slots.values():
-            slot.entries.sort(key=lambda e: order.get(id(e[0]), len(order)))
+            slot.sort(order)
 
     def live_routers(self) -> list[EditAdapter]:
         return [a for a in self.edits.values() if a.kind == "router" and self.is_live(a)]
