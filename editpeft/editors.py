@@ -27,6 +27,9 @@ edit with it. The core owns the whole lifecycle, so a method implements only its
   ``{"editor": {"id": ..., "sha256": ...}}`` in its ``edit_config.json``. A method with
   ``requires_editor = True`` refuses to edit without one (:class:`EditorRequiredError`).
 
+(:mod:`editpeft.train` is the other loop: it fits one edit's tensors to its requests; this one
+trains an editor across a dataset, with batches, checkpoints and resuming.)
+
 Example:
     >>> editor = editpeft.train_editor("mend", model, tok, "zsre_train.json", out="editors/mend",
     ...                                steps=2000, checkpoint_every=200)           # doctest: +SKIP
@@ -524,10 +527,16 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
                                         "tensor depending on the editor's tensors")
                     if not torch.isfinite(loss):
                         raise EditOptimizationError(
-                            f"editor training diverged at step {step + 1} (loss {float(loss)}); lower lr"
+                            f"editor training diverged at step {step + 1} (loss {float(loss.detach())}); lower lr"
                             + (f" and resume from the last checkpoint in {out_dir}" if out_dir else ""))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    bad = [k for k, p in editor.tensors.items()
+                           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                    if bad:
+                        raise EditOptimizationError(
+                            f"non-finite gradient for editor tensor(s) {bad} at step {step + 1}; lower lr or set "
+                            "max_grad_norm" + (f", then resume from the last checkpoint in {out_dir}" if out_dir else ""))
                     if max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()

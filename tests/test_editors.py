@@ -324,3 +324,11 @@ def test_training_data_reads_request_lists_and_dataset_formats(tmp_path):
     assert [r.subject for r in reqs] == SUBJECTS[:3] and reqs[0].paraphrases
     with pytest.raises(editpeft.DatasetFormatError, match="matches no known format"):
         read_training_data([{"question": "?"}])
+
+
+def test_diverging_training_stops_with_a_clear_error(tiny):
+    model, tok = tiny
+    reqs = [EditRequest.from_dict(r) for r in toy_requests(4)]
+    with pytest.raises(editpeft.EditOptimizationError, match="diverged at step 1|non-finite"):
+        editpeft.train_editor("grad_step", model, tok, reqs, steps=3, batch_size=2, progress=False,
+                              config={"init_log_lr": 1000.0})   # exp overflows: inf step
