@@ -107,8 +107,19 @@ def cmd_inspect(args) -> int:
     """Print an adapter's provenance and contents; reads JSON and safetensors only, loads no model."""
     from .card import check_card
     from .io import read_adapter_files, resolve_adapter_dir
+    from .editors import CONFIG_NAME as EDITOR_CONFIG
     from .registry import method_info
-    folder = resolve_adapter_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    local = Path(args.adapter) / args.subfolder if args.subfolder else Path(args.adapter)
+    if (local / EDITOR_CONFIG).is_file():
+        return _inspect_editor(args)
+    try:
+        folder = resolve_adapter_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    except EditError as e:
+        if "no editpeft adapter" in str(e) or "has no adapter folder" in str(e):
+            return _inspect_editor(args)     # a Hub repo holding a trained editor
+        raise
+    if (folder / EDITOR_CONFIG).is_file() and not (folder / "edit_config.json").is_file():
+        return _inspect_editor(args)
     config, tensors = read_adapter_files(folder)      # raises on a hash mismatch
     base = config.get("base_model") or {}
     plugin = config.get("plugin") or {}
@@ -141,6 +152,31 @@ def cmd_inspect(args) -> int:
         print(f"  [{r.get('subject')}] {r['prompt']!r}: {old}{r['target_new']!r}")
     if config.get("metrics"):
         print("metrics        " + json.dumps(config["metrics"]))
+    return 0
+
+
+def _inspect_editor(args) -> int:
+    """Print a trained editor's provenance and tensors (hash verified; no model is loaded)."""
+    from .editors import read_editor_files, resolve_editor_dir
+    from .registry import method_info
+    folder, editor_id = resolve_editor_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    config, tensors = read_editor_files(folder)
+    base, plugin, training = (config.get(k) or {} for k in ("base_model", "plugin", "training"))
+    info = method_info(config["method"])
+    print(f"editor         {editor_id} ({folder})")
+    print(f"method         {config['method']}, {'installed' if info is not None and info.loaded else 'NOT installed'}")
+    print(f"plugin         {plugin.get('distribution')} {plugin.get('version')}")
+    print(f"made with      editpeft {config.get('editpeft_version')} ({config['format']})")
+    print(f"base model     {base.get('name_or_path')} ({base.get('model_type')})")
+    print(f"fingerprint    {base.get('fingerprint')} over {', '.join(config.get('targets') or [])}")
+    print(f"tensors sha256 {config['tensors_sha256']} (verified)")
+    print(f"trained on     {training.get('data')} (sha256 {training.get('data_sha256')}), "
+          f"{training.get('records')} records, {training.get('steps')} steps, seed {training.get('seed')}")
+    for key, t in tensors.items():
+        print(f"  {key:<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', '')}")
+    print(f"hparams        {json.dumps(config['hparams'])}")
+    if training.get("metrics"):
+        print("metrics        " + json.dumps(training["metrics"]))
     return 0
 
 
@@ -425,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", help="commit message")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("inspect", help="print an adapter's provenance and contents (no model is loaded)")
+    p = sub.add_parser("inspect", help="print an adapter's (or trained editor's) provenance and contents "
+                                       "(no model is loaded)")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--revision")
     p.add_argument("--subfolder")

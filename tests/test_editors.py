@@ -143,7 +143,7 @@ def adapter_tensors(adapter):
 
 
 # -- tests --------------------------------------------------------------------------------------
-def test_train_save_push_reload_offline_same_adapter(tiny, toy_data, tmp_path, monkeypatch):
+def test_train_save_push_reload_offline_same_adapter(tiny, toy_data, tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
     model, tok = tiny
     train, val = toy_data
@@ -184,6 +184,9 @@ def test_train_save_push_reload_offline_same_adapter(tiny, toy_data, tmp_path, m
                        for f in files)
         editpeft.load_editor("user/grad-step-editor")
         assert editpeft.load_editor("user/grad-step-editor", subfolder="v1").id == "user/grad-step-editor/v1"
+        assert main(["inspect", "user/grad-step-editor"]) == 0 and main(["inspect", "user/grad-step-editor",
+                                                                         "--subfolder", "v1"]) == 0
+    assert capsys.readouterr().out.count("(verified)") == 2
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub_editor = editpeft.load_editor("user/grad-step-editor", model=model, tokenizer=tok)
     assert hub_editor.id == "user/grad-step-editor" and hub_editor.sha256 == provenance["sha256"]
@@ -305,6 +308,10 @@ def test_cli_train_help_lists_trainable_methods_and_trains(tmp_path, tiny_tokeni
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
     assert main(args[:-1] + ["--steps", "6", "--resume", "--no-progress"]) == 0
     assert json.loads((tmp_path / "ed" / "editor_config.json").read_text())["training"]["steps"] == 6
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ed")]) == 0
+    out = capsys.readouterr().out
+    assert "grad_step, installed" in out and "train.json" in out and "6 steps" in out and "(verified)" in out
     assert main(["train", "rome", "--data", str(train), "--out", str(tmp_path / "x"), "--model",
                  str(tmp_path / "m")]) == 2
     assert "does not learn an editor" in capsys.readouterr().err
