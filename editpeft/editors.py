@@ -534,9 +534,9 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
                     bad = [k for k, p in editor.tensors.items()
                            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
                     if bad:
-                        raise EditOptimizationError(
-                            f"non-finite gradient for editor tensor(s) {bad} at step {step + 1}; lower lr or set "
-                            "max_grad_norm" + (f", then resume from the last checkpoint in {out_dir}" if out_dir else ""))
+                        where = f", then resume from the last checkpoint in {out_dir}" if out_dir else ""
+                        raise EditOptimizationError(f"non-finite gradient for editor tensor(s) {bad} at step "
+                                                    f"{step + 1}; lower lr or set max_grad_norm{where}")
                     if max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
@@ -715,6 +715,7 @@ def render_editor_card(config: Mapping[str, Any]) -> str:
     import yaml
     base = config.get("base_model") or {}
     training = config.get("training") or {}
+    plugin = config.get("plugin") or {}
     front: dict[str, Any] = {"library_name": "editpeft",
                              "tags": ["editpeft", "knowledge-editing", "editor", config["method"]]}
     if base.get("name_or_path"):
@@ -737,7 +738,7 @@ def render_editor_card(config: Mapping[str, Any]) -> str:
         lines.append("")
     lines += ["## Method hyper-parameters", "", "```json", json.dumps(config.get("hparams") or {}, indent=2), "```", "",
               "## Provenance", "", f"- editpeft {config.get('editpeft_version')}",
-              f"- plugin {(config.get('plugin') or {}).get('distribution')} {(config.get('plugin') or {}).get('version')}",
+              f"- plugin {plugin.get('distribution')} {plugin.get('version')}",
               f"- base-model fingerprint `{base.get('fingerprint')}` over {', '.join(config.get('targets') or [])}",
               f"- tensors sha256 `{config.get('tensors_sha256')}`", "",
               "## Use", "", "```python", "import editpeft",

@@ -320,7 +320,8 @@ def test_cli_train_help_lists_trainable_methods_and_trains(tmp_path, tiny_tokeni
 def test_training_data_reads_request_lists_and_dataset_formats(tmp_path):
     from editpeft.editors import read_training_data
     zsre = [{"src": "What city holds the Eiffel Tower?", "alt": "Rome", "answers": ["Paris"], "subject": "Eiffel Tower",
-             "rephrase": "Where is the Eiffel Tower?", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}]
+             "rephrase": "Where is the Eiffel Tower?", "loc": "nq question: who wrote hamlet",
+             "loc_ans": "Shakespeare"}]
     (tmp_path / "zsre.json").write_text(json.dumps(zsre))
     (req,), name, digest = read_training_data(tmp_path / "zsre.json")
     assert (req.target_new, req.target_true, req.subject) == ("Rome", "Paris", "Eiffel Tower")
