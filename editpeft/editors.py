@@ -144,8 +144,7 @@ class Editor:
     def bind(self, model) -> None:
         """Record ``model`` as this editor's base model (done by :func:`train_editor`)."""
         self.base_model = {"name_or_path": getattr(model.config, "_name_or_path", None) or None,
-                           "model_type": model.config.model_type, "fingerprint": self.fingerprint(model),
-                           "targets": list(self.targets)}
+                           "model_type": model.config.model_type, "fingerprint": self.fingerprint(model)}
         license_ = getattr(model, "editpeft_license", None)
         if license_:
             self.base_model["license"] = license_
@@ -725,7 +724,8 @@ def render_editor_card(config: Mapping[str, Any]) -> str:
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# A trained {config['method']} editor", "",
              f"An [editpeft](https://pypi.org/project/editpeft/) editor for method `{config['method']}`, trained on "
-             f"`{base.get('name_or_path')}` ({base.get('model_type')}). It makes edits; it is not an edit itself.",
+             f"{'`' + base['name_or_path'] + '`' if base.get('name_or_path') else 'a model without a recorded name'} "
+             f"({base.get('model_type')}). It makes edits; it is not an edit itself.",
              "", "## Training", "",
              f"- data `{training.get('data')}` (sha256 `{training.get('data_sha256')}`), "
              f"{training.get('records')} records, {training.get('val_records')} for validation",
