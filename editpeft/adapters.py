@@ -25,7 +25,6 @@ from .request import EditRequest
 if TYPE_CHECKING:  # pragma: no cover
     from .editable import EditState
 
-KINDS = ("weight_delta", "module_hook", "router")
 
 
 class EditAdapter(ABC):
@@ -261,3 +260,12 @@ class RouterAdapter(EditAdapter):
 
     def detach(self, state: "EditState") -> None:
         self._state = None
+
+
+#: The one place that declares the adapter kinds and the base class of each:
+#: weight_delta — changes of Linear/Conv1D weights, hooked or merged (ROME, MEMIT, FT, LoRA, MEND);
+#: module_hook — a transformation at named module sites (codebooks, patch neurons, side memories);
+#: router — a model-level wrapper around forward and generate (counterfactual models, in-context).
+ADAPTER_KINDS: dict[str, type[EditAdapter]] = {
+    "weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter, "router": RouterAdapter}
+KINDS: tuple[str, ...] = tuple(ADAPTER_KINDS)
