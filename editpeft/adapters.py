@@ -45,6 +45,7 @@ class EditAdapter(ABC):
         self.base_model: dict[str, Any] = {}
         self.plugin: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
+        self.editor: dict[str, Any] = {}   # {'id', 'sha256'} of the trained editor that made it
         self._state: "EditState | None" = None
 
     # -- serialisation (implemented by kinds / plugins) ---------------------------------------

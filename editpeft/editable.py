@@ -143,13 +143,16 @@ class EditableMixin:
         return MappingProxyType(self._editpeft.edits)
 
     def add_edit(self, method: str, requests: EditRequest | Iterable[EditRequest], *,
-                 name: str | None = None, config: Any = None, append: bool = False) -> EditAdapter:
+                 name: str | None = None, config: Any = None, append: bool = False,
+                 editor: Any = None) -> EditAdapter:
         """Compute an edit with ``method`` and attach it as adapter ``name``.
 
         ``requests`` is one :class:`EditRequest` or a list (a batch). ``config`` is a dict of
         hyper-parameter overrides, a card path or the method's Config. With ``append=True`` and
         an existing adapter ``name`` of the same method, the requests are added to it (lifelong
-        memories such as GRACE). If anything fails, the model is left exactly as it was.
+        memories such as GRACE). Methods that edit with a trained editor (MEND, KE, SERAC) take
+        ``editor=``: an :class:`~editpeft.editors.Editor`, its folder or a Hub repo id; its hparams are
+        the default config. If anything fails, the model is left exactly as it was.
         """
         state = self._editpeft
         reqs = as_request_list(requests)
@@ -170,16 +173,23 @@ class EditableMixin:
         _report_conflicts(state, name, reqs)
         if existing is not None and (config is None or isinstance(config, Mapping)):
             config = {**existing.hparams, **dict(config or {})}   # continue with the adapter's settings
+        trained, extra = None, {}
+        if editor is not None or impl.requires_editor:
+            from .editors import editor_for_edit
+            trained, config = editor_for_edit(impl, self, state.tokenizer, editor, config)
+            extra = {"editor": trained}   # passed only to methods that use an editor
         cfg = impl.resolve_config(self, config)
         with _computing(self):
             if existing is not None:
-                adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg)
+                adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg, **extra)
             else:
-                adapter = impl.compute(self, state.tokenizer, reqs, cfg)
+                adapter = impl.compute(self, state.tokenizer, reqs, cfg, **extra)
         if not isinstance(adapter, EditAdapter) or adapter.kind != impl.kind:
             raise EditError(f"plugin method {impl.name!r} returned {adapter!r}, not a {impl.kind} adapter")
         _check_finite(adapter, impl.name)
         _stamp(adapter, state, impl, cfg, name)
+        if trained is not None:
+            adapter.editor = trained.provenance()
         if existing is not None:
             _swap(state, name, existing, adapter)
         else:

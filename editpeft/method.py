@@ -112,6 +112,36 @@ class EditMethod(ABC):
     def supports_extend(cls) -> bool:
         return cls.extend is not EditMethod.extend
 
+    # -- trained editors (MEND, KE, SERAC; see editpeft.editors) -------------------------------
+    #: True when ``compute`` needs a trained editor; the core then passes ``editor=`` to
+    #: ``compute``/``extend`` (only to such methods) and refuses ``add_edit`` without one.
+    requires_editor: ClassVar[bool] = False
+    #: the :class:`editpeft.editors.Editor` subclass that rebuilds saved editors (None: Editor)
+    editor_class: ClassVar[type | None] = None
+
+    def init_editor(self, model, tokenizer, config: MethodConfig):
+        """A fresh, untrained :class:`~editpeft.editors.Editor` for ``model`` (its tensors define
+        the shapes a saved editor must have on this model)."""
+        raise EditError(f"method {self.name!r} does not learn an editor from data")
+
+    def editor_step(self, editor, model, tokenizer, batch: Sequence[EditRequest],
+                    config: MethodConfig) -> Mapping[str, Any]:
+        """The training losses of one batch: a dict with a scalar ``"loss"`` tensor that depends on
+        the editor's tensors (the core backpropagates it and steps the optimiser), plus any
+        other values to log."""
+        raise EditError(f"method {self.name!r} does not learn an editor from data")
+
+    def editor_eval(self, editor, model, tokenizer, batch: Sequence[EditRequest],
+                    config: MethodConfig) -> dict[str, float]:
+        """Validation metrics of one batch (default: the values of :meth:`editor_step`, no update)."""
+        return {k: float(v.detach() if hasattr(v, "detach") else v)
+                for k, v in self.editor_step(editor, model, tokenizer, batch, config).items()}
+
+    @classmethod
+    def trains_editor(cls) -> bool:
+        """True when the method can train its editor (``editpeft train``)."""
+        return cls.init_editor is not EditMethod.init_editor and cls.editor_step is not EditMethod.editor_step
+
     @classmethod
     def check_capabilities(cls, model, requests: Sequence[EditRequest], *, appending: bool) -> None:
         """Refuse, before any work, what this method cannot do (raises an :class:`EditError`)."""
