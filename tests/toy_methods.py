@@ -24,8 +24,8 @@ from editpeft.train import TrainConfig, train_tensors
 
 @dataclass
 class ToyConfig(MethodConfig):
-    layer: int = field(default=-1, metadata={"help": "block to edit (-1: the last)"})
-    steps: int = field(default=60, metadata={"help": "training steps"})
+    layer: int = field(default=0, metadata={"help": "block to edit (-1: the last)"})
+    steps: int = field(default=200, metadata={"help": "training steps (early stop at a target NLL of 0.05)"})
     lr: float = field(default=0.05, metadata={"help": "Adam learning rate"})
 
 
