@@ -16,14 +16,6 @@ from toy_methods import TOY_METHODS
 
 INSTALLED = sorted(editpeft.list_methods())
 FAMILIES = CAUSAL_FAMILIES + ("t5",)
-#: Families that get every check (one of each layout: Conv1D, loose OPT MLP, gated llama MLP, T5
-#: stacks); the others get edit/toggle/save/load, which is where family differences show.
-FULL = ("gpt2", "opt", "llama", "t5", "mt5")
-BASIC = ("edit", "toggle", "save_load")
-
-
-def _checks(family: str) -> tuple[str, ...]:
-    return editpeft.testing.CHECKS if family in FULL else BASIC
 
 
 def _cases():
@@ -45,8 +37,8 @@ def test_installed_method_contract(method, family, tiny_tokenizer):
     known = method in TINY_CONFIGS
     # KN edits a handful of neurons of a random model: it moves the target's probability, rarely to top-1
     passed = check_method(method, family, config=TINY_CONFIGS.get(method), tokenizer=tiny_tokenizer,
-                          expect_top1=known and method != "kn", checks=_checks(family))
-    assert passed == list(_checks(family))
+                          expect_top1=known and method != "kn")
+    assert passed == list(editpeft.testing.CHECKS)
 
 
 @pytest.mark.parametrize("family", FAMILIES + ("mt5",))
@@ -55,4 +47,4 @@ def test_toy_building_blocks_pass_the_contract(toy, family, tiny_tokenizer):
     with ExitStack() as stack:
         for cls in TOY_METHODS:
             stack.enter_context(registered(cls))
-        assert check_method(toy.name, family, tokenizer=tiny_tokenizer, checks=_checks(family)) == list(_checks(family))
+        assert check_method(toy.name, family, tokenizer=tiny_tokenizer) == list(editpeft.testing.CHECKS)
