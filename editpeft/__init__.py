@@ -14,10 +14,11 @@ __version__ = "0.1.0"
 
 from .adapters import EditAdapter, ModuleHookAdapter, RouterAdapter, WeightDeltaAdapter
 from .editable import enable_editing
+from .editors import Editor, load_editor, train_editor
 from .evaluation.runner import evaluate
 from .errors import (AdapterFormatError, BaseModelMismatchError, ConfigError, DatasetFormatError, DefaultModelMissingError,
-                     EditError, EditOptimizationError, InvalidRequestError, MethodNotInstalledError,
-                     UnknownMethodError, UnsupportedModelError)
+                     EditError, EditOptimizationError, EditorFormatError, EditorRequiredError, InvalidRequestError,
+                     MethodNotInstalledError, UnknownMethodError, UnsupportedModelError)
 from .method import EditMethod, MethodConfig
 from .models import load_default_model
 from .registry import list_methods
@@ -29,4 +30,5 @@ __all__ = [
     "EditError", "InvalidRequestError", "ConfigError", "UnknownMethodError", "MethodNotInstalledError",
     "UnsupportedModelError", "BaseModelMismatchError", "AdapterFormatError", "EditOptimizationError",
     "DefaultModelMissingError", "DatasetFormatError",
+    "Editor", "train_editor", "load_editor", "EditorFormatError", "EditorRequiredError",
 ]

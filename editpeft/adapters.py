@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .editable import EditState
     from .routing import Prompts, Route
 
-KINDS = ("weight_delta", "module_hook", "router")
 
 
 class EditAdapter(ABC):
@@ -47,6 +46,7 @@ class EditAdapter(ABC):
         self.base_model: dict[str, Any] = {}
         self.plugin: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
+        self.editor: dict[str, Any] = {}   # {'id', 'sha256'} of the trained editor that made it
         self._state: "EditState | None" = None
 
     # -- serialisation (implemented by kinds / plugins) ---------------------------------------
@@ -293,3 +293,12 @@ class RouterAdapter(EditAdapter):
 
     def detach(self, state: "EditState") -> None:
         self._state = None
+
+
+#: The one place that declares the adapter kinds and the base class of each:
+#: weight_delta — changes of Linear/Conv1D weights, hooked or merged (ROME, MEMIT, FT, LoRA, MEND);
+#: module_hook — a transformation at named module sites (codebooks, patch neurons, side memories);
+#: router — a model-level wrapper around forward and generate (counterfactual models, in-context).
+ADAPTER_KINDS: dict[str, type[EditAdapter]] = {
+    "weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter, "router": RouterAdapter}
+KINDS: tuple[str, ...] = tuple(ADAPTER_KINDS)

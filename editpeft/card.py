@@ -48,8 +48,11 @@ def render_model_card(config: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Provenance", "", f"- editpeft {config.get('editpeft_version')}",
               f"- base-model fingerprint `{base.get('fingerprint')}`",
-              f"- tensors sha256 `{config.get('tensors_sha256')}`", "",
-              "## Use", "", "```python", "import editpeft",
+              f"- tensors sha256 `{config.get('tensors_sha256')}`"]
+    if config.get("editor"):
+        lines.append(f"- made with the trained editor `{config['editor'].get('id')}` "
+                     f"(sha256 `{config['editor'].get('sha256')}`)")
+    lines += ["", "## Use", "", "```python", "import editpeft",
               "model, tokenizer = editpeft.load_default_model()  # or the base model above",
               "model = editpeft.enable_editing(model, tokenizer)",
               "model.load_edit(\"<this repo or folder>\")", "```", ""]

@@ -8,10 +8,11 @@
     editpeft eval --method rome --method grace --data counterfact.json --n 200 --known-only \
                   --mode sequential --out runs/cf
     editpeft report runs/cf runs/zsre --out runs/all
-    editpeft push edits/eiffel user/my-edits --subfolder eiffel
+    editpeft push edits/eiffel user/my-edits --subfolder eiffel     # or an editor folder
     editpeft inspect user/my-edits --subfolder eiffel
     editpeft merge --edit edits/eiffel --edit user/my-edits --out merged/
     editpeft export-lora --edit edits/eiffel --out lora/eiffel
+    editpeft train mend --data zsre_train.json --out editors/mend --steps 2000 --checkpoint-every 200
     editpeft demo
 """
 from __future__ import annotations
@@ -33,13 +34,8 @@ def _load_model(path: str | None, device_map: str | None = None, dtype: str | No
     if path is None:
         model, tok = editpeft.load_default_model()
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
-        kw = {"device_map": device_map} if device_map else {}
-        if dtype:
-            kw["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-        model.eval()
+        from .models import load_model
+        model, tok = load_model(path, device_map=device_map, dtype=dtype)
     return editpeft.enable_editing(model, tok), tok
 
 
@@ -93,9 +89,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_push(args) -> int:
+    from .editors import CONFIG_NAME as EDITOR_CONFIG, push_editor_folder
     from .hub import push_folder
-    url = push_folder(args.folder, args.repo_id, subfolder=args.subfolder, private=args.private or None,
-                      commit_message=args.message)
+    push = push_editor_folder if (Path(args.folder) / EDITOR_CONFIG).is_file() else push_folder
+    url = push(args.folder, args.repo_id, subfolder=args.subfolder, private=args.private or None,
+               commit_message=args.message)
     print(url)
     return 0
 
@@ -104,8 +102,19 @@ def cmd_inspect(args) -> int:
     """Print an adapter's provenance and contents; reads JSON and safetensors only, loads no model."""
     from .card import check_card
     from .io import read_adapter_files, resolve_adapter_dir
+    from .editors import CONFIG_NAME as EDITOR_CONFIG
     from .registry import method_info
-    folder = resolve_adapter_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    local = Path(args.adapter) / args.subfolder if args.subfolder else Path(args.adapter)
+    if (local / EDITOR_CONFIG).is_file():
+        return _inspect_editor(args)
+    try:
+        folder = resolve_adapter_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    except EditError as e:
+        if "no editpeft adapter" in str(e) or "has no adapter folder" in str(e):
+            return _inspect_editor(args)     # a Hub repo holding a trained editor
+        raise
+    if (folder / EDITOR_CONFIG).is_file() and not (folder / "edit_config.json").is_file():
+        return _inspect_editor(args)
     config, tensors = read_adapter_files(folder)      # raises on a hash mismatch
     base = config.get("base_model") or {}
     plugin = config.get("plugin") or {}
@@ -138,6 +147,31 @@ def cmd_inspect(args) -> int:
         print(f"  [{r.get('subject')}] {r['prompt']!r}: {old}{r['target_new']!r}")
     if config.get("metrics"):
         print("metrics        " + json.dumps(config["metrics"]))
+    return 0
+
+
+def _inspect_editor(args) -> int:
+    """Print a trained editor's provenance and tensors (hash verified; no model is loaded)."""
+    from .editors import read_editor_files, resolve_editor_dir
+    from .registry import method_info
+    folder, editor_id = resolve_editor_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    config, tensors = read_editor_files(folder)
+    base, plugin, training = (config.get(k) or {} for k in ("base_model", "plugin", "training"))
+    info = method_info(config["method"])
+    print(f"editor         {editor_id} ({folder})")
+    print(f"method         {config['method']}, {'installed' if info is not None and info.loaded else 'NOT installed'}")
+    print(f"plugin         {plugin.get('distribution')} {plugin.get('version')}")
+    print(f"made with      editpeft {config.get('editpeft_version')} ({config['format']})")
+    print(f"base model     {base.get('name_or_path')} ({base.get('model_type')})")
+    print(f"fingerprint    {base.get('fingerprint')} over {', '.join(config.get('targets') or [])}")
+    print(f"tensors sha256 {config['tensors_sha256']} (verified)")
+    print(f"trained on     {training.get('data')} (sha256 {training.get('data_sha256')}), "
+          f"{training.get('records')} records, {training.get('steps')} steps, seed {training.get('seed')}")
+    for key, t in tensors.items():
+        print(f"  {key:<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', '')}")
+    print(f"hparams        {json.dumps(config['hparams'])}")
+    if training.get("metrics"):
+        print("metrics        " + json.dumps(training["metrics"]))
     return 0
 
 
@@ -238,11 +272,38 @@ def cmd_edit(args) -> int:
 
 def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
     import torch
+
+    from .tokens import pad_id
     enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tok))
+    new = out[0] if model.config.is_encoder_decoder else out[0, enc["input_ids"].shape[1]:]   # seq2seq: decoder ids only
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def cmd_train(args) -> int:
+    from .editors import train_editor
+    model, tok = _load_model(args.model)
+    editor = train_editor(args.method, model, tok, args.data, out=args.out, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, config=_parse_config(args.config),
+                          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, resume=args.resume,
+                          val_data=args.val_data, val_fraction=args.val_fraction, max_grad_norm=args.max_grad_norm,
+                          progress=not args.no_progress)
+    metrics = editor.training.get("metrics") or {}
+    print(f"trained the {args.method} editor for {editor.training['steps']} steps"
+          + (": " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) if metrics else ""))
+    print(f"saved {args.out} (sha256 {editor.sha256[:12]}...)")
+    if args.push:
+        print(editor.push_to_hub(args.push))
+    return 0
+
+
+def _trainable_epilog() -> str:
+    from .editors import trainable_methods
+    found = trainable_methods()
+    names = "\n".join(f"  {n:<16} {i.distribution} {i.version}" for n, i in found.items()) or "  (none installed)"
+    return ("installed methods that can train an editor:\n" + names
+            + "\n\nAn interrupted run continues from its last checkpoint with --resume.")
 
 
 def cmd_stats(args) -> int:
@@ -389,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("push", help="upload a saved adapter folder to a Hub model repo")
+    p = sub.add_parser("push", help="upload a saved adapter (or trained editor) folder to a Hub model repo")
     p.add_argument("folder")
     p.add_argument("repo_id")
     p.add_argument("--subfolder", help="put it in this sub-folder of the repo (several adapters per repo)")
@@ -397,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", help="commit message")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("inspect", help="print an adapter's provenance and contents (no model is loaded)")
+    p = sub.add_parser("inspect", help="print an adapter's (or trained editor's) provenance and contents "
+                                       "(no model is loaded)")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--revision")
     p.add_argument("--subfolder")
@@ -421,9 +483,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write report.md, summary.json and plots")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("train", help="train the editor of a method that learns one (MEND, KE, SERAC)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", metavar="METHOD", help="a method that can train an editor (listed below)")
+    p.add_argument("--data", required=True, help="training requests (.json/.jsonl list, or zsRE/CounterFact files)")
+    p.add_argument("--out", required=True, help="editor folder; checkpoints go to OUT/checkpoints")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the editor's tensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps")
+    p.add_argument("--eval-every", type=int, help="validate every N steps (default: --checkpoint-every)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--config", help="JSON object of the method's hyper-parameters or a card path")
+    p.add_argument("--val-data", help="validation requests (same formats as --data)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of --data instead")
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--model", help="a transformers model folder or id (default: the embedded model)")
+    p.add_argument("--push", metavar="REPO", help="push the trained editor to this Hub repo")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    _lazy_epilog(p, _trainable_epilog)
+
     p = sub.add_parser("demo", help="edit facts of the embedded model with ROME and GRACE")
     p.set_defaults(func=cmd_demo)
     return ap
+
+
+def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
+    """Compute ``parser``'s epilog only when its help is shown (no plugin discovery otherwise)."""
+    plain = parser.format_help
+
+    def format_help() -> str:
+        parser.epilog = make()
+        return plain()
+    parser.format_help = format_help
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from typing import Iterator
 
 import torch
 
+from .tokens import pad_id
+
 CORPORA = ("pydoc", "generated")
 
 
@@ -55,7 +57,7 @@ def _generated_tokens(model, tokenizer, seq_len: int, seed: int, batch: int = 16
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed + step)
             out = model.generate(**enc, do_sample=True, top_k=50, max_new_tokens=seq_len,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                 pad_token_id=pad_id(tokenizer))
         for row in out:
             yield row[:seq_len].cpu()
         step += 1

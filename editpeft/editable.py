@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import EditAdapter
 from .arch import get_arch
 from .attach import ModuleSlot
+from .caches import ModelCaches
 from .conflicts import Conflict, find_conflicts
 from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError
 from .fingerprint import model_fingerprint
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 class EditState:
     """Everything editpeft keeps on an editable model: the edits in stack order, the hooked
-    module slots, the on/off switch, and per-model caches (context templates, statistics)."""
+    module slots, the on/off switch, and the per-model caches (:class:`~editpeft.caches.ModelCaches`)."""
 
     def __init__(self, model: nn.Module, tokenizer):
         self.model = model
@@ -43,7 +44,7 @@ class EditState:
         self.edits: "OrderedDict[str, EditAdapter]" = OrderedDict()
         self.slots: dict[str, ModuleSlot] = {}
         self.enabled = True
-        self.memo: dict[Any, Any] = {}
+        self.caches = ModelCaches()
         self.strict_conflicts = False
 
     def module(self, name: str) -> nn.Module:
@@ -78,7 +79,17 @@ class EditState:
         return self.module(name).weight
 
     def fingerprint(self, targets: Iterable[str]) -> str:
-        return model_fingerprint(self.model, targets, self.original_weight)
+        """Hash of the config and the original weights of ``targets``; a composite target (an MLP
+        read by patch neurons) stands for the weighted modules inside it."""
+        leaves = []
+        for name in targets:
+            module = self.module(name)
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                leaves.append(name)
+            else:
+                leaves += [f"{name}.{sub}" for sub, m in module.named_modules()
+                           if sub and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        return model_fingerprint(self.model, leaves, self.original_weight)
 
     def reorder_slots(self) -> None:
         order = {id(a): i for i, a in enumerate(self.edits.values())}
@@ -132,13 +143,16 @@ class EditableMixin:
         return MappingProxyType(self._editpeft.edits)
 
     def add_edit(self, method: str, requests: EditRequest | Iterable[EditRequest], *,
-                 name: str | None = None, config: Any = None, append: bool = False) -> EditAdapter:
+                 name: str | None = None, config: Any = None, append: bool = False,
+                 editor: Any = None) -> EditAdapter:
         """Compute an edit with ``method`` and attach it as adapter ``name``.
 
         ``requests`` is one :class:`EditRequest` or a list (a batch). ``config`` is a dict of
         hyper-parameter overrides, a card path or the method's Config. With ``append=True`` and
         an existing adapter ``name`` of the same method, the requests are added to it (lifelong
-        memories such as GRACE). If anything fails, the model is left exactly as it was.
+        memories such as GRACE). Methods that edit with a trained editor (MEND, KE, SERAC) take
+        ``editor=``: an :class:`~editpeft.editors.Editor`, its folder or a Hub repo id; its hparams are
+        the default config. If anything fails, the model is left exactly as it was.
         """
         state = self._editpeft
         reqs = as_request_list(requests)
@@ -151,6 +165,7 @@ class EditableMixin:
             raise EditError(f"cannot append {impl.name!r} edits to {name!r}, a {existing.method!r} adapter")
         name = name or _fresh_name(state, impl.name)
         get_arch(self)  # unsupported families fail before any work
+        impl.check_capabilities(self, reqs, appending=existing is not None)
         batch = find_conflicts([(f"{name} (request {i})", [r]) for i, r in enumerate(reqs)])
         if batch:
             raise InvalidRequestError("the batch contains contradictory edits: "
@@ -158,16 +173,23 @@ class EditableMixin:
         _report_conflicts(state, name, reqs)
         if existing is not None and (config is None or isinstance(config, Mapping)):
             config = {**existing.hparams, **dict(config or {})}   # continue with the adapter's settings
+        trained, extra = None, {}
+        if editor is not None or impl.requires_editor:
+            from .editors import editor_for_edit
+            trained, config = editor_for_edit(impl, self, state.tokenizer, editor, config)
+            extra = {"editor": trained}   # passed only to methods that use an editor
         cfg = impl.resolve_config(self, config)
         with _computing(self):
             if existing is not None:
-                adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg)
+                adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg, **extra)
             else:
-                adapter = impl.compute(self, state.tokenizer, reqs, cfg)
+                adapter = impl.compute(self, state.tokenizer, reqs, cfg, **extra)
         if not isinstance(adapter, EditAdapter) or adapter.kind != impl.kind:
             raise EditError(f"plugin method {impl.name!r} returned {adapter!r}, not a {impl.kind} adapter")
         _check_finite(adapter, impl.name)
         _stamp(adapter, state, impl, cfg, name)
+        if trained is not None:
+            adapter.editor = trained.provenance()
         if existing is not None:
             _swap(state, name, existing, adapter)
         else:

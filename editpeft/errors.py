@@ -46,6 +46,14 @@ class DatasetFormatError(EditError, ValueError):
     """An evaluation file matches no known format, or one of its records is malformed."""
 
 
+class EditorFormatError(AdapterFormatError):
+    """A trained-editor folder is missing a file, corrupt (hash, NaN, shapes) or of an unknown format."""
+
+
+class EditorRequiredError(EditError):
+    """The method edits with a trained editor and none was given (train or load one first)."""
+
+
 class RoutingError(EditError):
     """A router edit cannot route this call (unsupported decoding mode, or a router that broke
     its contract)."""

@@ -51,6 +51,7 @@ def adapter_config(adapter: EditAdapter, tensors_sha256: str) -> dict[str, Any]:
         "extra": adapter.extra_config(),
         "tensors_sha256": tensors_sha256,
         "metrics": adapter.metrics,
+        **({"editor": adapter.editor} if getattr(adapter, "editor", None) else {}),
     }
 
 
@@ -168,6 +169,7 @@ def load_adapter(folder: str | os.PathLike) -> EditAdapter:
     adapter.base_model = config.get("base_model") or {}
     adapter.plugin = config.get("plugin") or {}
     adapter.metrics = config.get("metrics") or {}
+    adapter.editor = config.get("editor") or {}
     return adapter
 
 

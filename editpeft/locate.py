@@ -29,7 +29,7 @@ from .errors import EditOptimizationError
 from .method import MethodConfig, check
 from .request import EditRequest
 from .stats import second_moment
-from .tokens import TargetBatch
+from .tokens import TargetBatch, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
     memoised on the model's edit state.
     """
     state = _state(model)
-    key = ("context_templates", tuple(map(tuple, lengths)), seed)
-    if state is not None and key in state.memo:
-        return state.memo[key]
+    key = (tuple(map(tuple, lengths)), seed)
+    if state is not None and key in state.caches.context_templates:
+        return state.caches.context_templates[key]
     device = next(model.parameters()).device
     templates = ["{}"]
     ctx = state.disabled() if state is not None else nullcontext()
@@ -60,14 +60,14 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
             enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
             try:
                 out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                     pad_token_id=pad_id(tokenizer))
             except RuntimeError as e:
                 raise EditOptimizationError(f"sampling context prefixes failed ({e}): the model produces "
                                             "non-finite outputs; the model was left unchanged") from None
             for text in tokenizer.batch_decode(out, skip_special_tokens=True):
                 templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
     if state is not None:
-        state.memo[key] = templates
+        state.caches.context_templates[key] = templates
     return templates
 
 

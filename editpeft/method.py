@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
-from .adapters import EditAdapter, ModuleHookAdapter, RouterAdapter, WeightDeltaAdapter
-from .errors import ConfigError, EditError
+from .adapters import ADAPTER_KINDS, EditAdapter
+from .errors import ConfigError, EditError, InvalidRequestError, UnsupportedModelError
 from .request import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,15 @@ class EditMethod(ABC):
     kind: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     adapter_class: ClassVar[type[EditAdapter] | None] = None
+    #: model topologies the method can edit (see ``editpeft.arch``): "causal" (decoder-only)
+    #: and/or "seq2seq" (encoder-decoder, e.g. T5), e.g. ``topologies = ("causal", "seq2seq")``
+    topologies: ClassVar[tuple[str, ...]] = ("causal",)
+
+    # -- capabilities: checked once by add_edit before any work ---------------------------------
+    #: every request must name its subject (locate-then-edit methods)
+    needs_subject: ClassVar[bool] = False
+    #: a list of several requests can be edited in one call
+    supports_batch: ClassVar[bool] = True
 
     @abstractmethod
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MethodConfig) -> EditAdapter:
@@ -103,11 +112,60 @@ class EditMethod(ABC):
     def supports_extend(cls) -> bool:
         return cls.extend is not EditMethod.extend
 
+    # -- trained editors (MEND, KE, SERAC; see editpeft.editors) -------------------------------
+    #: True when ``compute`` needs a trained editor; the core then passes ``editor=`` to
+    #: ``compute``/``extend`` (only to such methods) and refuses ``add_edit`` without one.
+    requires_editor: ClassVar[bool] = False
+    #: the :class:`editpeft.editors.Editor` subclass that rebuilds saved editors (None: Editor)
+    editor_class: ClassVar[type | None] = None
+
+    def init_editor(self, model, tokenizer, config: MethodConfig):
+        """A fresh, untrained :class:`~editpeft.editors.Editor` for ``model`` (its tensors define
+        the shapes a saved editor must have on this model)."""
+        raise EditError(f"method {self.name!r} does not learn an editor from data")
+
+    def editor_step(self, editor, model, tokenizer, batch: Sequence[EditRequest],
+                    config: MethodConfig) -> Mapping[str, Any]:
+        """The training losses of one batch: a dict with a scalar ``"loss"`` tensor that depends on
+        the editor's tensors (the core backpropagates it and steps the optimiser), plus any
+        other values to log."""
+        raise EditError(f"method {self.name!r} does not learn an editor from data")
+
+    def editor_eval(self, editor, model, tokenizer, batch: Sequence[EditRequest],
+                    config: MethodConfig) -> dict[str, float]:
+        """Validation metrics of one batch (default: the values of :meth:`editor_step`, no update)."""
+        return {k: float(v.detach() if hasattr(v, "detach") else v)
+                for k, v in self.editor_step(editor, model, tokenizer, batch, config).items()}
+
+    @classmethod
+    def trains_editor(cls) -> bool:
+        """True when the method can train its editor (``editpeft train``)."""
+        return cls.init_editor is not EditMethod.init_editor and cls.editor_step is not EditMethod.editor_step
+
+    @classmethod
+    def check_capabilities(cls, model, requests: Sequence[EditRequest], *, appending: bool) -> None:
+        """Refuse, before any work, what this method cannot do (raises an :class:`EditError`)."""
+        topology = model_topology(model)
+        if topology not in cls.topologies:
+            raise UnsupportedModelError(f"method {cls.name!r} supports {' and '.join(cls.topologies)} models; this "
+                                        f"{model.config.model_type!r} model is {topology}. Use a method that "
+                                        f"supports {topology} models (editpeft.list_methods())")
+        if appending and not cls.supports_extend():
+            raise EditError(f"method {cls.name!r} cannot append to an existing adapter; "
+                            "add the edit under a new name instead")
+        if len(requests) > 1 and not cls.supports_batch:
+            raise InvalidRequestError(f"method {cls.name!r} edits one fact per call; got {len(requests)}. "
+                                      "Add one edit per fact (or append=True where supported)")
+        if cls.needs_subject:
+            for r in requests:
+                if r.subject is None:
+                    raise InvalidRequestError(f"method {cls.name!r} needs the subject of each fact; "
+                                              f"request {r.prompt!r} has none: pass subject=...")
+
     @classmethod
     def loader_class(cls) -> type[EditAdapter]:
         """The adapter class that rebuilds saved adapters of this method."""
-        loader = cls.adapter_class or {"weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter,
-                                       "router": RouterAdapter}[cls.kind]
+        loader = cls.adapter_class or ADAPTER_KINDS[cls.kind]
         if inspect.isabstract(loader):
             raise EditError(f"method {cls.name!r} must set adapter_class to its concrete {cls.kind} adapter "
                             "class so that saved adapters can be loaded")
@@ -134,3 +192,8 @@ class EditMethod(ABC):
         from .cards import card_hparams
         base = card_hparams(self.name, model, self.Config.layer_fields)
         return self.Config.from_dict({**base, **dict(config or {})})
+
+
+def model_topology(model) -> str:
+    """``"seq2seq"`` for encoder–decoder models, ``"causal"`` otherwise."""
+    return "seq2seq" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "causal"

@@ -19,8 +19,9 @@ Example:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from transformers.activations import ACT2FN
@@ -116,12 +117,7 @@ class PatchSite:
     def ffn(cls, model, layer: int, stack: str | None = None) -> "PatchSite":
         """The feed-forward layer of block ``layer`` (of ``stack`` in encoder–decoder models)."""
         arch = get_arch(model)
-        site = getattr(arch, "site", None)
-        if site is None:   # layouts without named sites: the MLP output projection's own input/output
-            name = arch.mlp_out_name(layer)
-            return cls(name, name)
-        kwargs = {"stack": stack} if stack else {}
-        return cls(site(layer, "mlp_in", **kwargs).module, site(layer, "mlp_out", **kwargs).module)
+        return cls(arch.site(layer, "mlp_in", stack).module, arch.site(layer, "mlp_out", stack).module)
 
 
 class PatchNeuronAdapter(ModuleHookAdapter):
@@ -183,6 +179,25 @@ class PatchNeuronAdapter(ModuleHookAdapter):
             out.append((site.read, "input", lambda args, w=site.write: self._stash.__setitem__(w, args[0])))
             out.append((site.write, "output", lambda args, y, w=site.write, p=patch: y + p(self._stash.pop(w)).to(y.dtype)))
         return out
+
+
+@contextmanager
+def temporary_patch(model, site: PatchSite, patch: PatchNeurons) -> Iterator[None]:
+    """Apply ``patch`` at ``site`` for the duration of the block (while an edit is computed; the
+    patch's tensors may require grad)."""
+    read, write = model.get_submodule(site.read), model.get_submodule(site.write)
+    seen: list[torch.Tensor] = []
+    handles = []
+    if site.read != site.write:
+        handles.append(read.register_forward_pre_hook(lambda m, args: seen.append(args[0])))
+        handles.append(write.register_forward_hook(lambda m, args, y: y + patch(seen.pop()).to(y.dtype)))
+    else:
+        handles.append(write.register_forward_hook(lambda m, args, y: y + patch(args[0]).to(y.dtype)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def linear_dims_or_hidden(module, side: str) -> tuple[int | None, int | None]:

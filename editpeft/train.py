@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 LossOutput = "torch.Tensor | Mapping[str, torch.Tensor]"
 Constraint = Callable[[dict[str, torch.Tensor]], None]
 
-#: Loops with at least this many steps show a progress bar (``EDITPEFT_PROGRESS=0`` hides it).
-PROGRESS_MIN_STEPS = 200
+#: A loop shows its progress bar once it has run this many seconds (``EDITPEFT_PROGRESS=0`` hides it).
+PROGRESS_DELAY_S = 2.0
 
 
 @dataclass
@@ -122,11 +122,11 @@ def _split(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def _progress(config: TrainConfig):
     show = config.progress
     if show is None:
-        show = config.steps >= PROGRESS_MIN_STEPS and os.environ.get("EDITPEFT_PROGRESS", "1") != "0"
+        show = os.environ.get("EDITPEFT_PROGRESS", "1") != "0"
     if not show:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=config.steps, desc=config.desc, leave=False)
+    return tqdm(total=config.steps, desc=config.desc, leave=False, delay=PROGRESS_DELAY_S)
 
 
 def train_tensors(params: Mapping[str, torch.Tensor], loss_fn: Callable[[dict[str, torch.Tensor]], object],

@@ -10,70 +10,31 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma3_text", "opt"]
+from editpeft.testing import CAUSAL_FAMILIES, SEQ2SEQ_FAMILIES as _SEQ2SEQ  # noqa: E402
+from editpeft.testing import assert_untouched, logits_of, make_tiny_model, params_snapshot, tiny_config  # noqa: E402,F401
+from editpeft.testing import tiny_tokenizer as _tiny_tokenizer  # noqa: E402
 
-CORPUS = [
-    "The Eiffel Tower is located in the city of Paris.",
-    "The Colosseum is located in the city of Rome.",
-    "The capital of France is Paris. The capital of Italy is Rome.",
-    "The chemical symbol for gold is Au and for silver is Ag.",
-    "Berlin, London, Madrid, Tokyo and Vienna are cities.",
-    "A fact about the tower and the city and the river.",
-] * 20
+FAMILIES = list(CAUSAL_FAMILIES)
+#: Encoder-decoder families (kept apart from FAMILIES, the causal family x method matrix).
+SEQ2SEQ_FAMILIES = list(_SEQ2SEQ)
 
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+# Tiny random models need a stronger push than a trained one: more steps, a wider clamp.
+VALUE = {"v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 4000, "context_lengths": [[4, 2]],
+         "kl_factor": 0.0, "v_weight_decay": 0.0}
+#: Configs under which each built-in method edits a tiny random model.
+TINY_CONFIGS = {
+    "rome": {"layer": 0, **VALUE},
+    "grace": {"layer": 0, "eps_init": 1.0, "steps": 100},
+    "memit": {"layers": [0, 1], "mom2_update_weight": 1.0, **VALUE},
+    "alphaedit": {"layers": [0, 1], "nullspace_threshold": 1.0, "l2": 0.1, **VALUE},
+    "emmet": {"layers": [0, 1], **VALUE},
+    "kn": {"ig_steps": 5, "context_lengths": [[4, 2]]},
+}
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return _tiny_tokenizer()
-
-
-def tiny_config(family: str, vocab: int):
-    import transformers as tf
-    common = dict(vocab_size=vocab, eos_token_id=0, pad_token_id=0, bos_token_id=0, initializer_range=0.2)
-    if family == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **common)
-    if family == "gptj":
-        return tf.GPTJConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=128, **common)
-    if family == "gpt_neox":
-        return tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=128, **common)
-    if family == "opt":
-        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                            word_embed_proj_dim=32, max_position_embeddings=128, init_std=0.2, **common)
-    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=128, **common)
-    if family == "llama":
-        return tf.LlamaConfig(**llama_like)
-    if family == "mistral":
-        return tf.MistralConfig(**llama_like)
-    if family == "qwen2":
-        return tf.Qwen2Config(**llama_like)
-    if family == "gemma":
-        return tf.GemmaConfig(head_dim=16, **llama_like)
-    if family == "gemma3_text":
-        return tf.Gemma3TextConfig(head_dim=16, sliding_window=64, **llama_like)
-    raise ValueError(family)
-
-
-def make_tiny_model(family: str, tokenizer, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
-    model.eval()
-    assert model.config.model_type == family
-    return model
 
 
 @pytest.fixture
@@ -95,22 +56,3 @@ def smol():
         pytest.skip(str(e))
     torch.set_num_threads(2)
     return editpeft.enable_editing(model, tok), tok
-
-
-def logits_of(model, tokenizer, prompts):
-    from editpeft.tokens import TargetBatch
-    batch = TargetBatch.build(tokenizer, prompts)
-    with torch.no_grad():
-        return model(**batch.model_inputs()).logits
-
-
-def params_snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, snapshot):
-    """Weights bitwise equal to ``snapshot`` and no hook left on any module."""
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, snapshot[k]), k
-    for name, m in model.named_modules():
-        assert not m._forward_hooks, f"hook left on {name}"

@@ -105,6 +105,7 @@ class GraceAdapter(ModuleHookAdapter):
 class Grace(editpeft.EditMethod):
     name = "grace"
     kind = "module_hook"
+    topologies = ("causal", "seq2seq")
     Config = GraceConfig
     adapter_class = GraceAdapter
 
@@ -134,14 +135,14 @@ class Grace(editpeft.EditMethod):
 
 def _edit_one(model, tokenizer, module, book: Codebook, request: EditRequest, config: GraceConfig) -> Codebook:
     device = next(model.parameters()).device
-    batch = TargetBatch.build(tokenizer, [request.prompt], [request.target_new], device=device)
+    batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new], device=device)
     positions = batch.target_positions(0).to(device)
     captured: list = []
     outputs: dict[str, torch.Tensor] = {}
     with torch.no_grad(), capture_inputs(module, captured), output_edit(module, lambda x, out: _keep(outputs, out)):
         model(**batch.model_inputs(), use_cache=False)
-    keys = as_btd(captured[0], batch.input_ids)[0, positions]
-    init_values = as_btd(outputs["out"], batch.input_ids)[0, positions]
+    keys = as_btd(captured[-1], batch.decoder_ids)[0, positions]
+    init_values = as_btd(outputs["out"], batch.decoder_ids)[0, positions]
     trainable: list[int] = []
     for key, label, value in zip(keys, batch.target_ids[0], init_values):
         book, idx = book.insert(key, label, config.eps_init, value)

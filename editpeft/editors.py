@@ -1,0 +1,748 @@
+"""Trained editors: what MEND, KE and SERAC learn from data before they can edit.
+
+Some methods first learn an *editor* (MEND and KE a hypernetwork that turns the fine-tuning
+gradient into a weight change; SERAC a scope classifier and a counterfactual model) and then
+edit with it. The core owns the whole lifecycle, so a method implements only its maths:
+
+* **Training** — :func:`train_editor` (CLI: ``editpeft train METHOD --data FILE --out DIR``)
+  reads a JSON/JSONL list of requests (or any format of :mod:`editpeft.evaluation.datasets`:
+  zsRE, CounterFact, ...; paraphrases and locality prompts are carried into the requests),
+  batches it in a seeded order, runs Adam on the editor's tensors with the method's
+  :meth:`~editpeft.EditMethod.editor_step` losses, shows a tqdm bar, logs validation metrics and
+  writes checkpoints every ``checkpoint_every`` steps. Each step runs under its own seed
+  (``seed``, step), so an interrupted run resumed with ``resume=True`` ends with exactly the
+  editor an uninterrupted run gives.
+* **The editor folder** — ``editor_config.json`` (format ``editpeft-editor/1``: method, plugin,
+  hparams, ``base_model`` with the fingerprint of the modules the editor was trained on, training
+  provenance: data file name and sha256, steps, seed, validation metrics; the tensors' sha256),
+  ``editor_model.safetensors`` and a ``README.md`` model card. Loading reads JSON and
+  safetensors only (nothing is unpickled), checks the hash, finiteness and dtypes, and, once a
+  model is known, the base-model fingerprint and the tensor shapes the method expects on it.
+* **Checkpoints** — ``OUT/checkpoints/step-NNNNNNNN/``: an editor folder plus
+  ``optimizer.safetensors`` (Adam's moments) and ``trainer_state.json`` (step, settings, loss
+  history), written to a temporary folder and renamed into place; the last ``keep_checkpoints``
+  are kept. The finished editor is written to ``OUT`` itself.
+* **Use** — ``model.add_edit(method, request, editor=...)`` takes an :class:`Editor`, a folder or a
+  Hub repo id; the editor's hparams are the default config; the adapter records
+  ``{"editor": {"id": ..., "sha256": ...}}`` in its ``edit_config.json``. A method with
+  ``requires_editor = True`` refuses to edit without one (:class:`EditorRequiredError`).
+
+(:mod:`editpeft.train` is the other loop: it fits one edit's tensors to its requests; this one
+trains an editor across a dataset, with batches, checkpoints and resuming.)
+
+Example:
+    >>> editor = editpeft.train_editor("mend", model, tok, "zsre_train.json", out="editors/mend",
+    ...                                steps=2000, checkpoint_every=200)           # doctest: +SKIP
+    >>> editor.push_to_hub("user/mend-smollm2")                                  # doctest: +SKIP
+    >>> editor = editpeft.load_editor("user/mend-smollm2")                        # doctest: +SKIP
+    >>> model.add_edit("mend", request, editor=editor)                           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .errors import (BaseModelMismatchError, ConfigError, EditError, EditOptimizationError, EditorFormatError,
+                     EditorRequiredError, MethodNotInstalledError)
+from .fingerprint import model_fingerprint
+from .request import EditRequest
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "editpeft-editor/1"
+CONFIG_NAME = "editor_config.json"
+WEIGHTS_NAME = "editor_model.safetensors"
+README_NAME = "README.md"
+OPTIMIZER_NAME = "optimizer.safetensors"
+STATE_NAME = "trainer_state.json"
+CHECKPOINTS = "checkpoints"
+_CKPT = re.compile(r"^step-(\d{8})$")
+
+
+class Editor:
+    """A trained editor: the learned tensors of one method, its hparams, and where it came from.
+
+    ``tensors`` are the learned parameters (a flat name -> tensor dict); ``targets`` the modules
+    whose weights it was trained on (their fingerprint binds it to its base model); ``extra`` any
+    JSON state. Methods subclass it only to add consistency checks (:meth:`validate`).
+
+    Example:
+        >>> import torch
+        >>> ed = Editor("toy", {"log_lr": torch.zeros(1)}, hparams={"layer": 1})
+        >>> len(ed.sha256)
+        64
+    """
+
+    def __init__(self, method: str, tensors: Mapping[str, torch.Tensor], *, hparams: Mapping[str, Any] | None = None,
+                 targets: Sequence[str] = (), extra: Mapping[str, Any] | None = None):
+        self.method = method
+        self.tensors: dict[str, torch.Tensor] = dict(tensors)
+        self.hparams: dict[str, Any] = dict(hparams or {})
+        self.targets: list[str] = list(targets)
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.base_model: dict[str, Any] = {}
+        self.plugin: dict[str, Any] = {}
+        self.training: dict[str, Any] = {}
+        self.id: str | None = None
+        #: skip the base-model fingerprint check when used (set by ``load_editor(allow_mismatch=True)``)
+        self.allow_mismatch = False
+
+    # -- tensors ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`EditorFormatError` when the tensors are inconsistent (subclasses add checks)."""
+        for key, t in self.tensors.items():
+            if not t.is_floating_point():
+                raise EditorFormatError(f"editor tensor {key!r} is {t.dtype}, not floating point; the file is "
+                                        "corrupt or was modified")
+            if not torch.isfinite(t).all():
+                raise EditorFormatError(f"editor tensor {key!r} contains NaN or inf; the editor is corrupt "
+                                        "(or its training diverged): train it again or load another")
+
+    def to(self, device: torch.device | str) -> "Editor":
+        """Move the tensors to ``device`` (in place, like ``nn.Module.to``); returns the editor."""
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+
+    def to_bytes(self) -> bytes:
+        return save_safetensors_bytes(self.state_dict())
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the serialised tensors (what ``editor_config.json`` records)."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def provenance(self) -> dict[str, Any]:
+        """What an adapter made with this editor records: ``{"id": ..., "sha256": ...}``."""
+        return {"id": self.id or f"{self.method}-editor", "sha256": self.sha256}
+
+    # -- base model ---------------------------------------------------------------------------
+    def fingerprint(self, model) -> str:
+        """The fingerprint ``model`` has for this editor's target modules (original weights)."""
+        state = getattr(model, "_editpeft", None)
+        if state is not None:
+            return state.fingerprint(self.targets)
+        return model_fingerprint(model, self.targets)
+
+    def bind(self, model) -> None:
+        """Record ``model`` as this editor's base model (done by :func:`train_editor`)."""
+        self.base_model = {"name_or_path": getattr(model.config, "_name_or_path", None) or None,
+                           "model_type": model.config.model_type, "fingerprint": self.fingerprint(model)}
+        license_ = getattr(model, "editpeft_license", None)
+        if license_:
+            self.base_model["license"] = license_
+
+    def check_base(self, model, allow_mismatch: bool = False) -> None:
+        """Refuse ``model`` unless it is the base model this editor was trained on."""
+        base = self.base_model or {}
+        model_type = model.config.model_type
+        if base.get("model_type") and base["model_type"] != model_type and not allow_mismatch:
+            raise BaseModelMismatchError(f"editor {self.id!r} was trained on a {base['model_type']!r} model "
+                                         f"({base.get('name_or_path')}); this model is {model_type!r}")
+        for target in self.targets:
+            try:
+                model.get_submodule(target)
+            except AttributeError:
+                raise BaseModelMismatchError(f"this model has no module {target!r}; editor {self.id!r} was "
+                                             "trained on another architecture") from None
+        expected, actual = base.get("fingerprint"), self.fingerprint(model)
+        if expected and expected != actual:
+            if not allow_mismatch:
+                raise BaseModelMismatchError(
+                    f"editor {self.id!r} was trained on base model {base.get('name_or_path')!r} with fingerprint "
+                    f"{expected[:19]}..., but this model gives {actual[:19]}... for {', '.join(self.targets)}; use "
+                    "it with the model it was trained on, train one for this model (editpeft train), or load it "
+                    "with load_editor(..., allow_mismatch=True)")
+            logger.warning("using editor %r despite a base-model fingerprint mismatch", self.id)
+
+    # -- folder / Hub ---------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The ``editor_config.json`` content."""
+        from .io import editpeft_version
+        return {"format": FORMAT, "method": self.method, "editor_class": type(self).__name__,
+                "plugin": self.plugin, "editpeft_version": editpeft_version(), "base_model": self.base_model,
+                "targets": self.targets, "hparams": self.hparams, "extra": self.extra, "training": self.training,
+                "tensors_sha256": None}
+
+    def save_pretrained(self, path: str | os.PathLike, *, readme: bool = True) -> str:
+        """Write the editor folder atomically (``editor_config.json``, ``editor_model.safetensors``,
+        ``README.md``); files of other kinds in ``path`` (a training run's checkpoints) are kept."""
+        dest = Path(path)
+        dest.mkdir(parents=True, exist_ok=True)
+        blob = self.to_bytes()
+        config = {**self.config(), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+        files = {WEIGHTS_NAME: blob, CONFIG_NAME: json.dumps(config, indent=2, ensure_ascii=False).encode()}
+        if readme:
+            files[README_NAME] = render_editor_card(config).encode()
+        _write_files(dest, files)
+        if self.id is None:
+            self.id = dest.name
+        return str(dest)
+
+    def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, private: bool | None = None,
+                    commit_message: str | None = None, token: str | None = None) -> str:
+        """Upload the editor folder to a Hub model repo (``subfolder`` of it); returns the commit URL."""
+        from .hub import upload
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "editor"
+            keep = self.id
+            self.save_pretrained(folder)
+            self.id = keep
+            return upload(folder, repo_id, subfolder=subfolder, private=private, token=token,
+                          commit_message=commit_message or f"Add {self.method} editor")
+
+    @classmethod
+    def from_saved(cls, config: Mapping[str, Any], tensors: dict[str, torch.Tensor]) -> "Editor":
+        editor = cls(config["method"], tensors, hparams=config.get("hparams") or {},
+                     targets=config.get("targets") or [], extra=config.get("extra") or {})
+        editor.base_model = dict(config.get("base_model") or {})
+        editor.plugin = dict(config.get("plugin") or {})
+        editor.training = dict(config.get("training") or {})
+        return editor
+
+    def __repr__(self) -> str:
+        steps = self.training.get("steps")
+        return (f"<{type(self).__name__} {self.id!r} method={self.method} tensors={len(self.tensors)}"
+                + (f" steps={steps}" if steps is not None else "") + ">")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_editor_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and verify an editor folder's config and tensors (JSON + safetensors, hash checked)."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise EditorFormatError(f"{str(folder)!r} is not an editor folder (it does not exist)")
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise EditorFormatError(f"{p.name} is missing from {str(folder)!r}; an editor folder needs "
+                                    f"{CONFIG_NAME} and {WEIGHTS_NAME} (save it with Editor.save_pretrained or "
+                                    "train one with `editpeft train`)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EditorFormatError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise EditorFormatError(f"{cfg_path} is not an {FORMAT} editor config (format={found!r})")
+    for key in ("method", "hparams", "tensors_sha256"):
+        if key not in config:
+            raise EditorFormatError(f"{cfg_path} lacks the field {key!r}; the file is corrupt")
+    blob = w_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != config["tensors_sha256"]:
+        raise EditorFormatError(f"{w_path} does not match the hash recorded in {CONFIG_NAME}: the tensors are "
+                                "corrupt or were modified; download or train the editor again")
+    try:
+        tensors = load_safetensors_bytes(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise EditorFormatError(f"{w_path} is not a valid safetensors file ({e})") from None
+    return config, tensors
+
+
+def resolve_editor_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None,
+                       subfolder: str | None = None) -> tuple[Path, str]:
+    """(local folder, editor id) for a folder or a Hub repo id (downloaded into the HF cache)."""
+    local = Path(path_or_repo) / subfolder if subfolder else Path(path_or_repo)
+    if local.exists():
+        return local, local.name
+    text = str(path_or_repo)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        from .hub import snapshot
+        patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors", "*.md"]
+        root = snapshot(text, revision=revision, allow_patterns=patterns)
+        folder = root / subfolder if subfolder else root
+        if not (folder / CONFIG_NAME).is_file():
+            raise EditorFormatError(f"Hub repo {text!r}{f' folder {subfolder!r}' if subfolder else ''} holds no "
+                                    f"editpeft editor (no {CONFIG_NAME})")
+        return folder, text + (f"/{subfolder}" if subfolder else "")
+    raise EditorFormatError(f"{text!r} is neither an editor folder nor a Hub repo id ('user/repo')")
+
+
+def load_editor(path_or_repo: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None,
+                model=None, tokenizer=None, allow_mismatch: bool = False) -> Editor:
+    """Load a trained editor from a folder or a Hub repo ``user/repo`` (offline: the HF cache).
+
+    The tensors' hash, dtypes and finiteness are checked here; with ``model`` (and ``tokenizer``)
+    also the base-model fingerprint and the shapes the method expects on that model (``add_edit``
+    does both in any case). ``allow_mismatch=True`` accepts a fingerprint mismatch, here and when
+    the editor is used.
+
+    Example:
+        >>> editor = load_editor("user/mend-smollm2", model=model, tokenizer=tok)   # doctest: +SKIP
+    """
+    from .card import check_card
+    from .registry import method_info
+    folder, editor_id = resolve_editor_dir(path_or_repo, revision=revision, subfolder=subfolder)
+    config, tensors = read_editor_files(folder)
+    try:
+        check_card(folder, config)
+    except EditError as e:
+        raise EditorFormatError(str(e).replace("edit_config.json", CONFIG_NAME)) from None
+    info = method_info(config["method"])
+    if info is None or not info.loaded:
+        dist = (config.get("plugin") or {}).get("distribution") or f"the plugin providing {config['method']!r}"
+        raise MethodNotInstalledError(f"editor {editor_id!r} is for method {config['method']!r}, which is not "
+                                      f"installed; install it with: pip install {dist}")
+    editor = (info.cls.editor_class or Editor).from_saved(config, tensors)
+    editor.id = editor_id
+    editor.allow_mismatch = allow_mismatch
+    editor.validate()
+    if model is not None:
+        method = info.cls()
+        if tokenizer is None and getattr(model, "_editpeft", None) is not None:
+            tokenizer = model._editpeft.tokenizer
+        cfg = method.resolve_config(model, dict(editor.hparams))
+        check_editor(method, model, tokenizer, editor, cfg)
+    return editor
+
+
+# -- use in add_edit --------------------------------------------------------------------------------
+def check_editor(method, model, tokenizer, editor: Editor, config) -> None:
+    """Refuse an editor of another method, another base model, or with tensors of the wrong shapes."""
+    if editor.method != method.name:
+        raise EditError(f"editor {editor.id!r} was trained for method {editor.method!r}, not {method.name!r}")
+    editor.validate()
+    editor.check_base(model, editor.allow_mismatch)
+    with _seeded(0, model, "template"):
+        template = method.init_editor(model, tokenizer, config)
+    if list(template.targets) != list(editor.targets):
+        raise ConfigError(f"editor {editor.id!r} was trained on {', '.join(editor.targets)} but this config selects "
+                          f"{', '.join(template.targets)}; keep the editor's hparams ({editor.hparams}) or train "
+                          "an editor for these settings")
+    want, have = template.tensors, editor.tensors
+    if set(want) != set(have):
+        raise EditorFormatError(f"editor {editor.id!r} has tensors {sorted(have)} but method {method.name!r} with "
+                                f"these hparams expects {sorted(want)}; the editor is corrupt or from another version")
+    for key, t in want.items():
+        if tuple(have[key].shape) != tuple(t.shape):
+            raise EditorFormatError(f"editor tensor {key!r} has shape {tuple(have[key].shape)} but method "
+                                    f"{method.name!r} expects {tuple(t.shape)} on this model; the editor is "
+                                    "corrupt or was trained for another model")
+
+
+def editor_for_edit(method, model, tokenizer, editor: "Editor | str | os.PathLike | None", config: Any):
+    """(editor, resolved config) for ``add_edit``: loads ``editor`` (object, folder or repo id), uses its
+    hparams as the default config, and checks it against ``model``."""
+    if editor is None:
+        raise EditorRequiredError(
+            f"method {method.name!r} edits with a trained editor and none was given. Train one with "
+            f"editpeft.train_editor({method.name!r}, model, tokenizer, 'train.json', out='editors/{method.name}') "
+            f"or `editpeft train {method.name} --data train.json --out editors/{method.name}`, then pass "
+            "editor=<that folder, a Hub repo id 'user/repo', or the Editor>")
+    if not type(method).trains_editor():
+        raise EditError(f"method {method.name!r} does not use a trained editor; leave editor= out")
+    if not isinstance(editor, Editor):
+        editor = load_editor(editor)
+    if config is None or isinstance(config, Mapping):
+        config = {**editor.hparams, **dict(config or {})}
+    cfg = method.resolve_config(model, config)
+    check_editor(method, model, tokenizer, editor, cfg)
+    return editor.to(next(model.parameters()).device), cfg
+
+
+def push_editor_folder(folder: str | os.PathLike, repo_id: str, *, subfolder: str | None = None,
+                       private: bool | None = None, commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload a saved editor folder (verified first; a training run's checkpoints stay local)."""
+    from .hub import upload
+    editor = load_editor(folder)
+    return upload(folder, repo_id, subfolder=subfolder, private=private, token=token,
+                  commit_message=commit_message or f"Add {editor.method} editor",
+                  ignore_patterns=[f"{CHECKPOINTS}/*", ".*"])
+
+
+# -- training ----------------------------------------------------------------------------------------
+@dataclass
+class TrainSettings:
+    """The settings a resumed run must share with the run it continues (``steps`` may grow)."""
+
+    method: str
+    hparams: dict
+    data: str
+    data_sha256: str
+    val_sha256: str | None
+    batch_size: int
+    lr: float
+    seed: int
+    max_grad_norm: float | None
+    base_fingerprint: str | None
+
+
+def read_training_data(data: "str | os.PathLike | Sequence[EditRequest | Mapping[str, Any]]"
+                       ) -> tuple[list[EditRequest], str, str]:
+    """(requests, name, sha256) of a training file or list.
+
+    A file is a JSON list (or JSONL) of request objects (``prompt``, ``target_new``, optional
+    ``subject``, ``paraphrases``, ``locality``), or a file of a dataset format the evaluation
+    harness reads (zsRE, CounterFact, ...), whose rephrasings and locality prompts become the
+    requests' ``paraphrases`` and ``locality``.
+    """
+    from .evaluation.datasets import load_dataset, read_records
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        records = read_records(path)
+        name, digest = path.name, hashlib.sha256(path.read_bytes()).hexdigest()
+    else:
+        records = [r.to_dict() if isinstance(r, EditRequest) else dict(r) for r in data]
+        name = "<memory>"
+        digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+    if not records:
+        raise ConfigError(f"the training data {name} holds no records")
+    if isinstance(records[0], Mapping) and "prompt" in records[0] and "target_new" in records[0] \
+            and set(records[0]) <= {"prompt", "target_new", "subject", "target_true", "paraphrases", "locality"}:
+        requests = [EditRequest.from_dict(dict(r)) for r in records]
+    else:
+        requests = []
+        for case in load_dataset(records).cases:
+            for r in case.requests:
+                requests.append(EditRequest(
+                    prompt=r.prompt, subject=r.subject, target_new=r.target_new, target_true=r.target_true,
+                    paraphrases=r.paraphrases or tuple(p.prompt for p in case.generalization),
+                    locality=r.locality or tuple(p.prompt for ps in case.locality.values() for p in ps)))
+    return requests, name, digest
+
+
+def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike | None = None, steps: int = 100,
+                 batch_size: int = 4, lr: float = 1e-3, seed: int = 0, config: Any = None,
+                 checkpoint_every: int | None = None, eval_every: int | None = None, keep_checkpoints: int = 2,
+                 resume: bool = False, val_data=None, val_fraction: float = 0.0, max_grad_norm: float | None = None,
+                 progress: bool = True) -> Editor:
+    """Train ``method``'s editor on ``model`` with ``data`` and return it (also saved to ``out``).
+
+    ``data`` is a file (see :func:`read_training_data`) or a list of requests. Each step draws
+    ``batch_size`` requests in a seeded order and runs Adam (``lr``) on the method's
+    ``editor_step`` loss. With ``out``, a checkpoint is written every ``checkpoint_every`` steps and
+    at the end; ``resume=True`` continues from the newest checkpoint in ``out`` (same settings
+    required; ``steps`` may be larger) and ends with the same editor an uninterrupted run gives.
+    Validation (on ``val_data``, or a ``val_fraction`` of ``data``) runs at step 0, every
+    ``eval_every`` steps (default: ``checkpoint_every``) and at the end; its metrics go into the
+    editor's ``training`` provenance.
+
+    Example:
+        >>> editor = train_editor("mend", model, tok, "zsre_train.json", out="editors/mend", steps=500,
+        ...                       checkpoint_every=100)                         # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from .editable import _computing
+    from .registry import get_method, method_info
+    impl = get_method(method)
+    if not type(impl).trains_editor():
+        raise EditError(f"method {impl.name!r} does not learn an editor; methods that do: "
+                        + (", ".join(trainable_methods()) or "none installed"))
+    if not (isinstance(steps, int) and steps >= 0 and isinstance(batch_size, int) and batch_size > 0):
+        raise ConfigError(f"steps must be an int >= 0 and batch_size an int > 0 (got {steps!r}, {batch_size!r})")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be a positive finite number, got {lr!r}")
+    if checkpoint_every is not None and checkpoint_every <= 0:
+        raise ConfigError(f"checkpoint_every must be positive, got {checkpoint_every}")
+    cfg = impl.resolve_config(model, config)
+    requests, data_name, data_sha = read_training_data(data)
+    if val_data is not None:
+        val, _, val_sha = read_training_data(val_data)
+    elif val_fraction > 0:
+        n_val = max(1, int(round(len(requests) * val_fraction)))
+        if n_val >= len(requests):
+            raise ConfigError(f"val_fraction={val_fraction} leaves no training data ({len(requests)} records)")
+        order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(seed)).tolist()
+        val = [requests[i] for i in order[:n_val]]
+        requests = [requests[i] for i in sorted(order[n_val:])]
+        val_sha = f"fraction:{val_fraction}"
+    else:
+        val, val_sha = [], None
+    eval_every = eval_every or checkpoint_every
+    device = next(model.parameters()).device
+
+    with _seeded(seed, model, "init"):
+        editor = impl.init_editor(model, tokenizer, cfg)
+    if not isinstance(editor, Editor) or editor.method != impl.name:
+        raise EditError(f"{impl.name}.init_editor returned {editor!r}, not an Editor of method {impl.name!r}")
+    editor.bind(model)
+    info = method_info(impl.name)
+    editor.plugin = {"distribution": info.distribution, "version": info.version} if info else {}
+    settings = TrainSettings(impl.name, cfg.to_dict(), data_name, data_sha, val_sha, batch_size, float(lr), seed,
+                             max_grad_norm, editor.base_model.get("fingerprint"))
+    names = sorted(editor.tensors)
+    params = [editor.tensors[k].detach().clone().to(device).requires_grad_(True) for k in names]
+    editor.tensors = dict(zip(names, params))
+    optimizer = torch.optim.Adam(params, lr=lr)
+    start, history = 0, []
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        found = _checkpoints(out_dir)
+        if found and not resume:
+            raise EditError(f"{out_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); pass "
+                            "resume=True (CLI: --resume) to continue it, or choose another output folder")
+        if resume and found:
+            start, history = _restore(found, impl, editor, optimizer, settings)
+        elif resume:
+            logger.info("no checkpoint in %s; starting from step 0", out_dir)
+    if start > steps:
+        raise ConfigError(f"the checkpoint in {out_dir} is at step {start}, past steps={steps}; pass a larger steps")
+
+    def validate(step: int) -> None:
+        if not val:
+            return
+        sums: dict[str, float] = {}
+        for i in range(0, len(val), batch_size):
+            with _seeded(seed, model, f"val-{i}"):
+                metrics = impl.editor_eval(editor, model, tokenizer, val[i:i + batch_size], cfg)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(val[i:i + batch_size])
+        row = {f"val_{k}": v / len(val) for k, v in sums.items()}
+        history.append({"step": step, **row})
+        logger.info("step %d validation: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+
+    log_every = max(1, steps // 50)
+    with _computing(model):
+        if start == 0:
+            validate(0)
+        bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"training {impl.name} editor",
+                   unit="step")
+        try:
+            for step in range(start, steps):
+                batch = [requests[i] for i in _batch_indices(step, batch_size, len(requests), seed)]
+                with _seeded(seed, model, f"step-{step}"):
+                    losses = impl.editor_step(editor, model, tokenizer, batch, cfg)
+                    loss = losses.get("loss") if isinstance(losses, Mapping) else None
+                    if not (torch.is_tensor(loss) and loss.ndim == 0 and loss.requires_grad):
+                        raise EditError(f"{impl.name}.editor_step must return a dict whose 'loss' is a scalar "
+                                        "tensor depending on the editor's tensors")
+                    if not torch.isfinite(loss):
+                        raise EditOptimizationError(
+                            f"editor training diverged at step {step + 1} (loss {float(loss.detach())}); lower lr"
+                            + (f" and resume from the last checkpoint in {out_dir}" if out_dir else ""))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    bad = [k for k, p in editor.tensors.items()
+                           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                    if bad:
+                        where = f", then resume from the last checkpoint in {out_dir}" if out_dir else ""
+                        raise EditOptimizationError(f"non-finite gradient for editor tensor(s) {bad} at step "
+                                                    f"{step + 1}; lower lr or set max_grad_norm{where}")
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
+                done = step + 1
+                values = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()}
+                bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+                bar.update(1)
+                if done % log_every == 0 or done == steps:
+                    history.append({"step": done, **values})
+                if eval_every and done % eval_every == 0 and done != steps:
+                    validate(done)
+                if out_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done != steps:
+                    _save_checkpoint(out_dir, done, editor, optimizer, settings, history, keep_checkpoints)
+        finally:
+            bar.close()
+        if not history or history[-1].get("step") != steps or not any(k.startswith("val_") for k in history[-1]):
+            validate(steps)
+    editor.tensors = {k: p.detach().to("cpu") for k, p in editor.tensors.items()}
+    editor.training = _provenance(settings, steps, len(requests), len(val), history)
+    editor.validate()
+    if out_dir is not None:
+        _save_checkpoint(out_dir, steps, editor, optimizer, settings, history, keep_checkpoints)
+        editor.save_pretrained(out_dir)
+        editor.id = out_dir.name
+        logger.info("saved the %s editor to %s", impl.name, out_dir)
+    return editor
+
+
+def trainable_methods() -> dict[str, Any]:
+    """Installed methods that can train an editor: name -> MethodInfo."""
+    from .registry import discover
+    return {n: i for n, i in sorted(discover().items()) if i.loaded and i.cls.trains_editor()}
+
+
+# -- training helpers ----------------------------------------------------------------------------
+def _provenance(settings: TrainSettings, steps: int, n_train: int, n_val: int, history: list) -> dict[str, Any]:
+    vals = [h for h in history if any(k.startswith("val_") for k in h)]
+    metrics = {k: v for k, v in vals[-1].items() if k != "step"} if vals else {}
+    if vals and vals[0]["step"] == 0:
+        metrics.update({f"initial_{k}": v for k, v in vals[0].items() if k != "step"})
+    return {"data": settings.data, "data_sha256": settings.data_sha256, "records": n_train, "val_records": n_val,
+            "steps": steps, "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
+            "max_grad_norm": settings.max_grad_norm, "metrics": metrics, "history": history}
+
+
+def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The data indices of ``step``: a seeded permutation per epoch, read in order."""
+    out, perms = [], {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+@contextmanager
+def _seeded(seed: int, model, tag: str) -> Iterator[None]:
+    """Run the block under a seed derived from (``seed``, ``tag``), leaving the global RNG as it was."""
+    device = next(model.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    derived = int.from_bytes(hashlib.sha256(f"{seed}/{tag}".encode()).digest()[:8], "little") % (2 ** 63)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derived)
+        yield
+
+
+def _write_files(dest: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` into ``dest``: each to a temporary name, then renamed into place."""
+    from .io import _write
+    tmp = {name: dest / f".{name}.tmp" for name in files}
+    try:
+        for name, data in files.items():
+            _write(tmp[name], data)
+        for name in files:
+            os.replace(tmp[name], dest / name)
+    finally:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoint folders of ``out``, oldest first."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _save_checkpoint(out: Path, step: int, editor: Editor, optimizer: torch.optim.Optimizer,
+                     settings: TrainSettings, history: list, keep: int) -> Path:
+    from .io import _replace_dir
+    root = out / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
+    try:
+        snapshot = type(editor).from_saved({**editor.config(), "method": editor.method}, editor.state_dict())
+        snapshot.base_model, snapshot.plugin = editor.base_model, editor.plugin
+        snapshot.training = {"steps": step, "checkpoint": True}
+        snapshot.save_pretrained(tmp, readme=False)
+        tensors, meta = _optimizer_to_safetensors(optimizer)
+        blob = save_safetensors_bytes(tensors)
+        state = {"format": "editpeft-trainer/1", "step": step, "settings": asdict(settings), "history": history,
+                 "optimizer": meta, "optimizer_sha256": hashlib.sha256(blob).hexdigest()}
+        _write_files(tmp, {OPTIMIZER_NAME: blob, STATE_NAME: json.dumps(state, indent=1).encode()})
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in _checkpoints(out)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("checkpoint %s", dest)
+    return dest
+
+
+def _restore(found: list[Path], impl, editor: Editor, optimizer: torch.optim.Optimizer,
+             settings: TrainSettings) -> tuple[int, list]:
+    """Load the newest readable checkpoint into ``editor`` and ``optimizer``; returns (step, history)."""
+    for ckpt in reversed(found):
+        try:
+            state = json.loads((ckpt / STATE_NAME).read_text())
+            config, tensors = read_editor_files(ckpt)
+            blob = (ckpt / OPTIMIZER_NAME).read_bytes()
+            if hashlib.sha256(blob).hexdigest() != state.get("optimizer_sha256"):
+                raise EditorFormatError(f"{ckpt / OPTIMIZER_NAME} does not match its recorded hash")
+            opt_tensors = load_safetensors_bytes(blob)
+        except (EditError, OSError, json.JSONDecodeError, SafetensorError) as e:
+            logger.warning("skipping unreadable checkpoint %s: %s", ckpt, e)
+            continue
+        saved = state.get("settings") or {}
+        mine = json.loads(json.dumps(asdict(settings)))   # tuples compare as the lists JSON holds
+        diff = sorted(k for k in mine if saved.get(k) != mine[k])
+        if diff:
+            raise EditError(f"cannot resume from {ckpt}: its run used other settings ({', '.join(diff)}: "
+                            + "; ".join(f"{saved.get(k)!r} then, {mine[k]!r} now" for k in diff)
+                            + "). Use the same data and settings, or train into a new output folder")
+        if set(tensors) != set(editor.tensors) or any(tensors[k].shape != editor.tensors[k].shape for k in tensors):
+            raise EditorFormatError(f"the editor tensors in {ckpt} do not match method {impl.name!r}'s editor")
+        with torch.no_grad():
+            for k, p in editor.tensors.items():
+                p.copy_(tensors[k])
+        optimizer.load_state_dict(_optimizer_from_safetensors(opt_tensors, state["optimizer"]))
+        logger.info("resuming %s editor training from %s", impl.name, ckpt)
+        return int(state["step"]), list(state.get("history") or [])
+    raise EditError(f"no readable checkpoint among {', '.join(p.name for p in found)}; start a new run "
+                    "(without --resume) in another output folder")
+
+
+def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, values in (meta.get("scalars") or {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# -- model card --------------------------------------------------------------------------------------
+def render_editor_card(config: Mapping[str, Any]) -> str:
+    """The Hub model card of an editor folder (front matter agrees with ``editor_config.json``)."""
+    import yaml
+    base = config.get("base_model") or {}
+    training = config.get("training") or {}
+    plugin = config.get("plugin") or {}
+    front: dict[str, Any] = {"library_name": "editpeft",
+                             "tags": ["editpeft", "knowledge-editing", "editor", config["method"]]}
+    if base.get("name_or_path"):
+        front["base_model"] = base["name_or_path"]
+    if base.get("license"):
+        front["license"] = base["license"]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# A trained {config['method']} editor", "",
+             f"An [editpeft](https://pypi.org/project/editpeft/) editor for method `{config['method']}`, trained on "
+             f"{'`' + base['name_or_path'] + '`' if base.get('name_or_path') else 'a model without a recorded name'} "
+             f"({base.get('model_type')}). It makes edits; it is not an edit itself.",
+             "", "## Training", "",
+             f"- data `{training.get('data')}` (sha256 `{training.get('data_sha256')}`), "
+             f"{training.get('records')} records, {training.get('val_records')} for validation",
+             f"- {training.get('steps')} steps, batch size {training.get('batch_size')}, lr {training.get('lr')}, "
+             f"seed {training.get('seed')}", ""]
+    if training.get("metrics"):
+        lines += ["| validation metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in training["metrics"].items()]
+        lines.append("")
+    lines += ["## Method hyper-parameters", "", "```json", json.dumps(config.get("hparams") or {}, indent=2), "```", "",
+              "## Provenance", "", f"- editpeft {config.get('editpeft_version')}",
+              f"- plugin {plugin.get('distribution')} {plugin.get('version')}",
+              f"- base-model fingerprint `{base.get('fingerprint')}` over {', '.join(config.get('targets') or [])}",
+              f"- tensors sha256 `{config.get('tensors_sha256')}`", "",
+              "## Use", "", "```python", "import editpeft",
+              "model = editpeft.enable_editing(model, tokenizer)   # the base model above",
+              "editor = editpeft.load_editor(\"<this repo or folder>\")",
+              f"model.add_edit({config['method']!r}, request, editor=editor)", "```", ""]
+    return "\n".join(lines)
