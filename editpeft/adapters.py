@@ -278,6 +278,7 @@ class RouterAdapter(EditAdapter):
     def route(self, model, inputs: dict[str, Any], call_next: Callable[[dict[str, Any]], Any]) -> Any:
         """Return the model output for ``inputs``; ``call_next(inputs)`` runs the rest of the stack."""
         return call_next(inputs)
+    route.passthrough = True      # routers that keep this default are skipped in the forward chain
 
     def side_modules(self) -> dict[str, torch.nn.Module]:
         """Named side modules (names without '.'); not submodules of the base model."""

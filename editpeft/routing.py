@@ -27,6 +27,12 @@ forward without a cache, or with an empty one, starts a new sequence. In-scope r
 extra forward of their group; when no router is live, ``forward``/``generate`` are the base
 model's own, untouched.
 
+Limits: decisions need token ids (a forward given only ``inputs_embeds`` is not routed) and a
+decoder-only model (on encoder-decoder models only ``route`` hooks apply). Beam search, assisted
+and contrastive decoding reorder or crop the cache: they raise :class:`RoutingError` when a row
+is in scope of a router. Attentions and hidden states returned for in-scope rows are the base
+model's; a ``labels`` loss is recomputed from the routed logits.
+
 Example:
     >>> class Demo(editpeft.RouterAdapter):                                       # doctest: +SKIP
     ...     def decide(self, model, prompts):
@@ -306,8 +312,9 @@ class RoutingSession:
 class _Generation:
     """One ``generate`` call: its session is made at its first forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, unsupported: str | None = None) -> None:
         self.session: RoutingSession | None = None
+        self.unsupported = unsupported      # a decoding mode that reorders/crops the cache
 
 
 class RoutingState:
@@ -458,9 +465,9 @@ def _find_session(model: nn.Module, rs: RoutingState, routers: Sequence["RouterA
     """The session of this forward and its mode: ``"fresh"`` (whole sequences) or ``"step"``."""
     ids, mask, cache = inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("past_key_values")
     generation = rs.generations[-1] if rs.generations else None
+    if ids is None or (mask is not None and mask.dim() != 2) or getattr(model.config, "is_encoder_decoder", False):
+        return None, ""                     # only route() hooks apply (see the module docstring)
     past = _cache_length(cache)
-    if ids is None or (mask is not None and mask.dim() != 2):
-        return None, ""
     if past > 0:
         session = rs.lookup(cache)
         if session is None:
@@ -469,6 +476,11 @@ def _find_session(model: nn.Module, rs: RoutingState, routers: Sequence["RouterA
         if not session.same_routers(routers):
             logger.warning("the live routers changed during a sequence; its remaining steps are not routed "
                            "(start a new sequence to route it with the current edits)")
+            return None, ""
+        if ids.shape[0] != session.input_ids.shape[0]:
+            (logger.warning if any(session.in_scope) else logger.debug)(
+                "a cache was continued with %d rows instead of its %d (expanded or reordered); the "
+                "remaining steps are not routed", ids.shape[0], session.input_ids.shape[0])
             return None, ""
         if past != session.cache_length:
             n = session.cache_length - past
@@ -494,6 +506,10 @@ def _find_session(model: nn.Module, rs: RoutingState, routers: Sequence["RouterA
         return session, "fresh"
     session = _new_session(model, routers, base_forward, ids, full_mask)
     if generation is not None:
+        if generation.unsupported and any(session.in_scope):
+            raise RoutingError(f"{generation.unsupported} reorders or crops the KV cache, which a router "
+                               "edit in scope of this prompt cannot follow; use greedy decoding or sampling, "
+                               "or switch the router edits off with model.disabled_edits()")
         generation.session = session
     return session, "fresh"
 
@@ -541,7 +557,7 @@ def routed_forward(model: nn.Module, routers: Sequence["RouterAdapter"], base_fo
         return base_forward(**inputs)
     return_dict = inputs.pop("return_dict", None)
     session, mode = _find_session(model, rs, routers, base_forward, inputs)
-    hooks = [r for r in routers if type(r).route is not _default_route()]
+    hooks = [r for r in routers if not getattr(type(r).route, "passthrough", False)]
 
     def call(i: int, args: dict[str, Any]) -> Any:
         if i == len(hooks):
@@ -562,24 +578,19 @@ def routed_forward(model: nn.Module, routers: Sequence["RouterAdapter"], base_fo
     return out
 
 
-def _default_route() -> Callable:
-    from .adapters import RouterAdapter
-    return RouterAdapter.route
-
-
 _UNSUPPORTED = {"num_beams": "beam search", "assistant_model": "assisted decoding",
                 "prompt_lookup_num_tokens": "prompt-lookup decoding", "penalty_alpha": "contrastive search",
                 "dola_layers": "DoLa decoding"}
 
 
-def _check_decoding(model: nn.Module, kwargs: Mapping[str, Any]) -> None:
+def _unsupported_decoding(model: nn.Module, kwargs: Mapping[str, Any]) -> str | None:
+    """A description of a decoding mode that reorders or crops the cache, or None."""
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     for key, what in _UNSUPPORTED.items():
         value = kwargs.get(key, getattr(config, key, None))
         if (value or 1) > 1 if key == "num_beams" else value is not None:
-            raise RoutingError(f"{what} ({key}={value!r}) reorders or crops the KV cache, which router edits "
-                               "cannot follow; use greedy decoding or sampling, or switch the router edits off "
-                               "with model.disabled_edits()")
+            return f"{what} ({key}={value!r})"
+    return None
 
 
 def routed_generate(model: nn.Module, base_generate: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -587,8 +598,7 @@ def routed_generate(model: nn.Module, base_generate: Callable, args: tuple, kwar
     rs = routing_state(model)
     if rs.deciding:
         return base_generate(*args, **kwargs)
-    _check_decoding(model, kwargs)
-    generation = _Generation()
+    generation = _Generation(_unsupported_decoding(model, kwargs))
     rs.generations.append(generation)
     try:
         return base_generate(*args, **kwargs)

@@ -15,7 +15,6 @@ import torch
 
 import editpeft
 from editpeft import EditRequest
-from editpeft.registry import MethodInfo
 from editpeft.routing import (Route, build_causal_lm, causal_lm_spec, current_session, load_side_state,
                               split_side_tensors)
 
@@ -127,17 +126,14 @@ class ToyScale(ToyPrefix):
 
 
 @pytest.fixture(autouse=True)
-def toy_methods(monkeypatch):
+def toy_methods():
     """Register the toy methods as if installed through entry points."""
-    import editpeft.registry as registry
-    real = registry.discover
-
-    def discover():
-        found = real()
+    from contextlib import ExitStack
+    from editpeft.registry import registered
+    with ExitStack() as stack:
         for cls in (ToyPrefix, ToySide, ToyScale):
-            found[cls.name] = MethodInfo(cls.name, "router", "tests", "0", f"test_routers:{cls.__name__}", cls=cls)
-        return found
-    monkeypatch.setattr(registry, "discover", discover)
+            stack.enter_context(registered(cls, distribution="tests"))
+        yield
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -398,6 +394,10 @@ def test_unsupported_decoding_and_bad_router(tiny):
     model.add_edit("toy_prefix", REQ, name="r")
     with pytest.raises(editpeft.errors.RoutingError, match="beam search"):
         model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=2, pad_token_id=0)
+    other = ids[1:]                                   # beam search is fine where no row is in scope
+    with model.disabled_edits():
+        want = model.generate(input_ids=other, num_beams=2, max_new_tokens=2, pad_token_id=0)
+    assert torch.equal(model.generate(input_ids=other, num_beams=2, max_new_tokens=2, pad_token_id=0), want)
     model.edits["r"].decide = lambda model, prompts: [None]
     with pytest.raises(editpeft.errors.RoutingError, match="one Route or None per row"):
         model(input_ids=ids, attention_mask=mask)
