@@ -238,10 +238,12 @@ def cmd_edit(args) -> int:
 
 def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
     import torch
+
+    from .tokens import pad_id
     enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                             pad_token_id=pad_id(tok))
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
