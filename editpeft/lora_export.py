@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import EditAdapter, WeightDeltaAdapter
+from .card import adapters_facts_table, front_matter
 from .errors import EditError
 
 #: Families whose projection modules are transformers' Conv1D (weights stored in × out).
@@ -64,9 +65,8 @@ def export_peft_lora(adapters: Sequence[EditAdapter], out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    lines = ["---", "library_name: peft", "tags: [editpeft, knowledge-editing, lora]", "---", "",
-             "A PEFT LoRA adapter exported from editpeft weight-delta edits:", ""]
-    lines += [f"- `{a.name}` ({a.method}): " + "; ".join(f"{r.prompt} → {r.target_new}" for r in a.requests)
-              for a in adapters]
+    lines = front_matter("peft", ["lora"])
+    lines += ["", "A PEFT LoRA adapter exported from editpeft weight-delta edits:", ""]
+    lines += adapters_facts_table(adapters)
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return out
