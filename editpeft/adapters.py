@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 import torch
 
 from .arch import linear_dims
-from .attach import LowRankDelta
+from .deltas import DELTA_TYPES, DenseDelta, LowRankDelta, WeightChange, delta_type_name
 from .errors import AdapterFormatError, EditError
 from .request import EditRequest
 
 if TYPE_CHECKING:  # pragma: no cover
     from .editable import EditState
 
-KINDS = ("weight_delta", "module_hook", "router")
 
 
 class EditAdapter(ABC):
@@ -112,62 +111,64 @@ class EditAdapter(ABC):
 
 
 class WeightDeltaAdapter(EditAdapter):
-    """Low-rank weight changes of Linear/Conv1D modules, applied by a forward hook."""
+    """Weight changes of Linear/Conv1D modules (:class:`LowRankDelta` or :class:`DenseDelta`),
+    applied by a forward hook; :meth:`merge` bakes them into the weights.
+
+    Saved tensors: ``<module>.up`` / ``<module>.down`` for a low-rank delta, ``<module>.weight``
+    for a dense one (out × in), in the dtype they were computed in.
+    """
 
     kind = "weight_delta"
 
-    def __init__(self, deltas: Mapping[str, LowRankDelta], **common: Any):
+    def __init__(self, deltas: Mapping[str, WeightChange], **common: Any):
         common.pop("targets", None)
         super().__init__(targets=list(deltas), **common)
-        self.deltas: dict[str, LowRankDelta] = dict(deltas)
-        self._live: dict[str, LowRankDelta] = {}
+        self.deltas: dict[str, WeightChange] = dict(deltas)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for target, d in self.deltas.items():
-            out[f"{target}.up"] = d.up.detach().contiguous()
-            out[f"{target}.down"] = d.down.detach().contiguous()
-        return out
+        return {f"{target}.{k}": t for target, d in self.deltas.items() for k, t in d.tensors().items()}
 
     @classmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "WeightDeltaAdapter":
         targets = common.pop("targets")
         deltas = {}
         for t in targets:
+            kind = "low_rank" if f"{t}.up" in tensors or f"{t}.down" in tensors else (
+                "dense" if f"{t}.weight" in tensors else None)
+            if kind is None:
+                raise AdapterFormatError(f"the adapter file has no tensors for {t!r} (expected "
+                                         f"{t}.up/{t}.down or {t}.weight)")
+            delta_cls = DELTA_TYPES[kind]
             try:
-                deltas[t] = LowRankDelta(tensors[f"{t}.up"], tensors[f"{t}.down"])
+                deltas[t] = delta_cls.from_tensors({s: tensors[f"{t}.{s}"] for s in delta_cls.suffixes})
             except KeyError as e:
                 raise AdapterFormatError(f"tensor {e.args[0]!r} is missing from the adapter file") from None
             except ValueError as e:
-                raise AdapterFormatError(f"bad factors for {t!r}: {e}") from None
+                raise AdapterFormatError(f"bad {kind} delta for {t!r}: {e}") from None
         return cls(deltas, **common)
 
     def attach(self, state: "EditState") -> None:
         for target, delta in self.deltas.items():
-            module = state.module(target)
-            d_in, d_out = linear_dims(module)
-            if delta.up.shape[0] != d_out or delta.down.shape[0] != d_in:
+            d_in, d_out = linear_dims(state.module(target))
+            if delta.shape() != (d_out, d_in):
+                out_, in_ = delta.shape()
                 raise AdapterFormatError(
-                    f"the delta for {target!r} is {delta.up.shape[0]}x{delta.down.shape[0]} but the "
-                    f"module is {d_out}x{d_in}: this adapter was made for another model")
+                    f"the delta for {target!r} is {out_}x{in_} but the module is {d_out}x{d_in}: "
+                    "this adapter was made for another model")
         for target, delta in self.deltas.items():
-            module = state.module(target)
-            live = delta.to(module.weight)
-            self._live[target] = live
-            state.slot(target).add(self, _add_delta(live))
+            state.slot(target).add(self, _add_delta(delta))
         self._state = state
 
     def detach(self, state: "EditState") -> None:
         if self.merged:
             self.unmerge()
         super().detach(state)
-        self._live.clear()
         self._state = None
 
-    def to_peft_lora(self, path: str | os.PathLike) -> str:
+    def to_peft_lora(self, path: str | os.PathLike, **options: Any) -> str:
         """Write this edit as a standard PEFT LoRA adapter folder (see :mod:`editpeft.lora_export`)."""
         from .lora_export import export_peft_lora
-        return str(export_peft_lora([self], path))
+        return str(export_peft_lora([self], path, **options))
 
     def merge(self) -> None:
         """Bake the deltas into the module weights (the hook is then skipped)."""
@@ -193,31 +194,42 @@ class WeightDeltaAdapter(EditAdapter):
         return self._state
 
 
-def _add_delta(delta: LowRankDelta) -> Callable:
+def _add_delta(delta: WeightChange) -> Callable:
     def contribution(args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + delta(args[0])
     return contribution
 
 
 class ModuleHookAdapter(EditAdapter):
-    """Transforms the output of modules (codebooks, patch neurons). Subclasses implement
-    :meth:`transform`; attachment, ordering and toggling come from the core."""
+    """Changes the input or output of modules (codebooks, patch neurons, side modules).
+
+    Simple adapters implement :meth:`transform` (the new output of each target module); adapters
+    that read one module's input and write another's output override :meth:`hooks`. Attachment,
+    ordering and toggling come from the core.
+    """
 
     kind = "module_hook"
 
-    @abstractmethod
     def transform(self, target: str, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The new output of module ``target`` given its input and original output."""
+        raise NotImplementedError(f"{type(self).__name__} must implement transform() or hooks()")
+
+    def hooks(self) -> list[tuple[str, str, Callable]]:
+        """``(module name, "input" | "output", contribution)`` triples to register, in order.
+        An output contribution maps ``(args, output)`` to the new output; an input contribution
+        maps ``args`` to the new first input (or None to keep it)."""
+        return [(target, "output", _transform(self, target)) for target in self.targets]
 
     def prepare(self, state: "EditState") -> None:
-        """Validate shapes and move tensors to the model's device before attaching."""
+        """Validate shapes against the model before attaching (raise AdapterFormatError)."""
 
     def attach(self, state: "EditState") -> None:
         self.prepare(state)
-        for target in self.targets:
+        hooks = self.hooks()
+        for target, _, _ in hooks:
             state.module(target)
-        for target in self.targets:
-            state.slot(target).add(self, _transform(self, target))
+        for target, where, fn in hooks:
+            state.slot(target).add(self, fn, where)
         self._state = state
 
     def detach(self, state: "EditState") -> None:
@@ -247,3 +259,12 @@ class RouterAdapter(EditAdapter):
 
     def detach(self, state: "EditState") -> None:
         self._state = None
+
+
+#: The one place that declares the adapter kinds and the base class of each:
+#: weight_delta — changes of Linear/Conv1D weights, hooked or merged (ROME, MEMIT, FT, LoRA, MEND);
+#: module_hook — a transformation at named module sites (codebooks, patch neurons, side memories);
+#: router — a model-level wrapper around forward and generate (counterfactual models, in-context).
+ADAPTER_KINDS: dict[str, type[EditAdapter]] = {
+    "weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter, "router": RouterAdapter}
+KINDS: tuple[str, ...] = tuple(ADAPTER_KINDS)

@@ -12,72 +12,70 @@ unmerging restores the original weights bit for bit, whatever the order of merge
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from .arch import dense_delta
+from .deltas import DenseDelta, LowRankDelta, WeightChange  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import EditAdapter
     from .editable import EditState
 
 Contribution = Callable[[tuple, Any], Any]
-
-
-@dataclass
-class LowRankDelta:
-    """A weight change ``up @ down.T`` (shape out × in), applied as ``y += (x @ down) @ up.T``."""
-
-    up: torch.Tensor    # (out_features, rank)
-    down: torch.Tensor  # (in_features, rank)
-
-    def __post_init__(self) -> None:
-        if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[1]:
-            raise ValueError(f"low-rank factors must be (out, r) and (in, r); got "
-                             f"{tuple(self.up.shape)} and {tuple(self.down.shape)}")
-        if not (self.up.is_floating_point() and self.down.is_floating_point()):
-            raise ValueError(f"low-rank factors must be floating point; got {self.up.dtype} and {self.down.dtype}")
-        if not (torch.isfinite(self.up).all() and torch.isfinite(self.down).all()):
-            raise ValueError("low-rank factors contain NaN or inf")
-
-    @property
-    def rank(self) -> int:
-        return self.up.shape[1]
-
-    def to(self, like: torch.Tensor) -> "LowRankDelta":
-        return LowRankDelta(self.up.to(like.device, like.dtype), self.down.to(like.device, like.dtype))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.down) @ self.up.T
+InputContribution = Callable[[tuple], "torch.Tensor | None"]
 
 
 class ModuleSlot:
-    """The single hook of one module and the ordered contributions attached to it."""
+    """The hooks of one module and the ordered contributions attached to it.
+
+    ``output`` contributions get ``(args, output)`` and return the new output (weight deltas,
+    codebooks, patch neurons); ``input`` contributions get ``args`` and return the new first
+    positional input (or None to leave it), run by a forward pre-hook. Each list applies in stack
+    order; a hook is registered only while its list is non-empty.
+    """
 
     def __init__(self, state: "EditState", name: str, module: nn.Module):
         self.state, self.name, self.module = state, name, module
         self.entries: list[tuple["EditAdapter", Contribution]] = []
+        self.input_entries: list[tuple["EditAdapter", InputContribution]] = []
         self.pristine: torch.Tensor | None = None
         self.merged: list[tuple["EditAdapter", torch.Tensor]] = []
         self._handle = None
+        self._pre_handle = None
 
-    def add(self, adapter: "EditAdapter", fn: Contribution) -> None:
-        self.entries.append((adapter, fn))
-        if self._handle is None:
-            self._handle = self.module.register_forward_hook(self._hook)
+    def add(self, adapter: "EditAdapter", fn: Callable, where: str = "output") -> None:
+        if where == "output":
+            self.entries.append((adapter, fn))
+            if self._handle is None:
+                self._handle = self.module.register_forward_hook(self._hook)
+        elif where == "input":
+            self.input_entries.append((adapter, fn))
+            if self._pre_handle is None:
+                self._pre_handle = self.module.register_forward_pre_hook(self._pre_hook)
+        else:
+            raise ValueError(f"where must be 'input' or 'output', got {where!r}")
 
     def remove(self, adapter: "EditAdapter") -> None:
         self.entries = [(a, f) for a, f in self.entries if a is not adapter]
+        self.input_entries = [(a, f) for a, f in self.input_entries if a is not adapter]
         if not self.entries and self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if not self.input_entries and self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
 
     @property
     def empty(self) -> bool:
-        return not self.entries and self.pristine is None
+        return not self.entries and not self.input_entries and self.pristine is None
+
+    def sort(self, order: dict[int, int]) -> None:
+        """Put the contributions in stack order (``order``: id(adapter) -> position)."""
+        last = len(order)
+        self.entries.sort(key=lambda e: order.get(id(e[0]), last))
+        self.input_entries.sort(key=lambda e: order.get(id(e[0]), last))
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         for adapter, fn in self.entries:
@@ -85,10 +83,20 @@ class ModuleSlot:
                 output = fn(args, output)
         return output
 
+    def _pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        changed = False
+        for adapter, fn in self.input_entries:
+            if self.state.is_live(adapter) and not adapter.merged:
+                new = fn(args)
+                if new is not None:
+                    args = (new, *args[1:])
+                    changed = True
+        return args if changed else None
+
     # -- merging -----------------------------------------------------------------------------
-    def merge(self, adapter: "EditAdapter", delta: LowRankDelta) -> None:
+    def merge(self, adapter: "EditAdapter", delta: WeightChange) -> None:
         weight = self.module.weight
-        dense = dense_delta(self.module, delta.up.to(weight), delta.down.to(weight))
+        dense = delta.dense(self.module)
         if self.pristine is None:
             self.pristine = weight.detach().clone()
         with torch.no_grad():
@@ -151,12 +159,12 @@ def output_edit(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], to
 
 
 @contextmanager
-def temporary_deltas(model: nn.Module, deltas: "dict[str, LowRankDelta]") -> Iterator[None]:
+def temporary_deltas(model: nn.Module, deltas: "dict[str, WeightChange]") -> Iterator[None]:
     """Apply low-rank deltas to named modules for the duration of the block (used while an edit is
     being computed on top of its own earlier parts: ROME's later requests, MEMIT's later layers)."""
     with ExitStack() as stack:
         for name, delta in deltas.items():
-            stack.enter_context(output_edit(model.get_submodule(name), lambda x, out, d=delta: out + d.to(x)(x)))
+            stack.enter_context(output_edit(model.get_submodule(name), lambda x, out, d=delta: out + d(x)))
         yield
 
 

@@ -33,13 +33,8 @@ def _load_model(path: str | None, device_map: str | None = None, dtype: str | No
     if path is None:
         model, tok = editpeft.load_default_model()
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
-        kw = {"device_map": device_map} if device_map else {}
-        if dtype:
-            kw["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-        model.eval()
+        from .models import load_model
+        model, tok = load_model(path, device_map=device_map, dtype=dtype)
     return editpeft.enable_editing(model, tok), tok
 
 
@@ -242,9 +237,9 @@ def _generate(model, tok, prompt: str, max_new_tokens: int) -> str:
     from .tokens import pad_id
     enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id(tok))
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tok))
+    new = out[0] if model.config.is_encoder_decoder else out[0, enc["input_ids"].shape[1]:]   # seq2seq: decoder ids only
+    return tok.decode(new, skip_special_tokens=True)
 
 
 def cmd_stats(args) -> int:

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+
 CORPORA = ("pydoc", "generated")
 
 

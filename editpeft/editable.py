@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import EditAdapter
 from .arch import get_arch
 from .attach import ModuleSlot
+from .caches import ModelCaches
 from .conflicts import Conflict, find_conflicts
 from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError
 from .fingerprint import model_fingerprint
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 class EditState:
     """Everything editpeft keeps on an editable model: the edits in stack order, the hooked
-    module slots, the on/off switch, and per-model caches (context templates, statistics)."""
+    module slots, the on/off switch, and the per-model caches (:class:`~editpeft.caches.ModelCaches`)."""
 
     def __init__(self, model: nn.Module, tokenizer):
         self.model = model
@@ -43,7 +44,7 @@ class EditState:
         self.edits: "OrderedDict[str, EditAdapter]" = OrderedDict()
         self.slots: dict[str, ModuleSlot] = {}
         self.enabled = True
-        self.memo: dict[Any, Any] = {}
+        self.caches = ModelCaches()
         self.strict_conflicts = False
 
     def module(self, name: str) -> nn.Module:
@@ -78,12 +79,22 @@ class EditState:
         return self.module(name).weight
 
     def fingerprint(self, targets: Iterable[str]) -> str:
-        return model_fingerprint(self.model, targets, self.original_weight)
+        """Hash of the config and the original weights of ``targets``; a composite target (an MLP
+        read by patch neurons) stands for the weighted modules inside it."""
+        leaves = []
+        for name in targets:
+            module = self.module(name)
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                leaves.append(name)
+            else:
+                leaves += [f"{name}.{sub}" for sub, m in module.named_modules()
+                           if sub and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        return model_fingerprint(self.model, leaves, self.original_weight)
 
     def reorder_slots(self) -> None:
         order = {id(a): i for i, a in enumerate(self.edits.values())}
         for slot in self.slots.values():
-            slot.entries.sort(key=lambda e: order.get(id(e[0]), len(order)))
+            slot.sort(order)
 
     def live_routers(self) -> list[EditAdapter]:
         return [a for a in self.edits.values() if a.kind == "router" and self.is_live(a)]
@@ -151,6 +162,7 @@ class EditableMixin:
             raise EditError(f"cannot append {impl.name!r} edits to {name!r}, a {existing.method!r} adapter")
         name = name or _fresh_name(state, impl.name)
         get_arch(self)  # unsupported families fail before any work
+        impl.check_capabilities(self, reqs, appending=existing is not None)
         batch = find_conflicts([(f"{name} (request {i})", [r]) for i, r in enumerate(reqs)])
         if batch:
             raise InvalidRequestError("the batch contains contradictory edits: "

@@ -47,9 +47,9 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
     memoised on the model's edit state.
     """
     state = _state(model)
-    key = ("context_templates", tuple(map(tuple, lengths)), seed)
-    if state is not None and key in state.memo:
-        return state.memo[key]
+    key = (tuple(map(tuple, lengths)), seed)
+    if state is not None and key in state.caches.context_templates:
+        return state.caches.context_templates[key]
     templates = ["{}"]
     ctx = state.disabled() if state is not None else nullcontext()
     batches = [([STARTERS[i % len(STARTERS)] for i in range(n)], length) for length, n in lengths]
@@ -63,7 +63,7 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
         for text in tokenizer.batch_decode(out, skip_special_tokens=True):
             templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
     if state is not None:
-        state.memo[key] = templates
+        state.caches.context_templates[key] = templates
     return templates
 
 

@@ -33,7 +33,7 @@ from .attach import LowRankDelta, temporary_deltas
 from .locate import (LocateEditConfig, context_templates, key_statistics, optimize_values, subject_activations,
                      subject_keys)
 from .method import EditMethod, check
-from .request import EditRequest, require_subjects
+from .request import EditRequest
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +117,13 @@ class StatisticsSpreadMethod(AppendByStacking, EditMethod):
     ``config.layers`` and sequential append come from here."""
 
     kind = "weight_delta"
+    needs_subject = True
 
     @abstractmethod
     def direction(self, mom2: torch.Tensor, keys: torch.Tensor, config: LayerRangeConfig) -> torch.Tensor:
         """The 'down' factor (in × n) for keys (n × in) given C (in × in)."""
 
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: LayerRangeConfig) -> WeightDeltaAdapter:
-        require_subjects(requests, self.name)
 
         def solve(target: str, keys: torch.Tensor) -> torch.Tensor:
             return self.direction(key_statistics(model, tokenizer, target, config).to(keys.device), keys, config)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
-from .adapters import EditAdapter, ModuleHookAdapter, RouterAdapter, WeightDeltaAdapter
-from .errors import ConfigError, EditError
+from .adapters import ADAPTER_KINDS, EditAdapter
+from .errors import ConfigError, EditError, InvalidRequestError, UnsupportedModelError
 from .request import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,15 @@ class EditMethod(ABC):
     kind: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     adapter_class: ClassVar[type[EditAdapter] | None] = None
+    #: model topologies the method can edit (see ``editpeft.arch``): "causal" (decoder-only)
+    #: and/or "seq2seq" (encoder-decoder, e.g. T5), e.g. ``topologies = ("causal", "seq2seq")``
+    topologies: ClassVar[tuple[str, ...]] = ("causal",)
+
+    # -- capabilities: checked once by add_edit before any work ---------------------------------
+    #: every request must name its subject (locate-then-edit methods)
+    needs_subject: ClassVar[bool] = False
+    #: a list of several requests can be edited in one call
+    supports_batch: ClassVar[bool] = True
 
     @abstractmethod
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MethodConfig) -> EditAdapter:
@@ -104,10 +113,29 @@ class EditMethod(ABC):
         return cls.extend is not EditMethod.extend
 
     @classmethod
+    def check_capabilities(cls, model, requests: Sequence[EditRequest], *, appending: bool) -> None:
+        """Refuse, before any work, what this method cannot do (raises an :class:`EditError`)."""
+        topology = model_topology(model)
+        if topology not in cls.topologies:
+            raise UnsupportedModelError(f"method {cls.name!r} supports {' and '.join(cls.topologies)} models; this "
+                                        f"{model.config.model_type!r} model is {topology}. Use a method that "
+                                        f"supports {topology} models (editpeft.list_methods())")
+        if appending and not cls.supports_extend():
+            raise EditError(f"method {cls.name!r} cannot append to an existing adapter; "
+                            "add the edit under a new name instead")
+        if len(requests) > 1 and not cls.supports_batch:
+            raise InvalidRequestError(f"method {cls.name!r} edits one fact per call; got {len(requests)}. "
+                                      "Add one edit per fact (or append=True where supported)")
+        if cls.needs_subject:
+            for r in requests:
+                if r.subject is None:
+                    raise InvalidRequestError(f"method {cls.name!r} needs the subject of each fact; "
+                                              f"request {r.prompt!r} has none: pass subject=...")
+
+    @classmethod
     def loader_class(cls) -> type[EditAdapter]:
         """The adapter class that rebuilds saved adapters of this method."""
-        loader = cls.adapter_class or {"weight_delta": WeightDeltaAdapter, "module_hook": ModuleHookAdapter,
-                                       "router": RouterAdapter}[cls.kind]
+        loader = cls.adapter_class or ADAPTER_KINDS[cls.kind]
         if inspect.isabstract(loader):
             raise EditError(f"method {cls.name!r} must set adapter_class to its concrete {cls.kind} adapter "
                             "class so that saved adapters can be loaded")
@@ -134,3 +162,8 @@ class EditMethod(ABC):
         from .cards import card_hparams
         base = card_hparams(self.name, model, self.Config.layer_fields)
         return self.Config.from_dict({**base, **dict(config or {})})
+
+
+def model_topology(model) -> str:
+    """``"seq2seq"`` for encoder–decoder models, ``"causal"`` otherwise."""
+    return "seq2seq" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "causal"

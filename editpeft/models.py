@@ -6,6 +6,7 @@ that copy in about two seconds. Nothing is downloaded.
 
 Example:
     >>> model, tokenizer = editpeft.load_default_model()     # doctest: +SKIP
+    >>> model, tokenizer = load_model("path/to/flan-t5-small")   # any local model folder   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -78,6 +80,26 @@ def _convert(gguf: Path, folder: Path) -> None:
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+
+
+def auto_model_class(config):
+    """``AutoModelForSeq2SeqLM`` for encoder-decoder configs, else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def load_model(path: str | os.PathLike, *, device_map: str | None = None, dtype: str | torch.dtype | None = None):
+    """(model, tokenizer) from a folder or Hub id, in eval mode; encoder-decoder models (T5, ...)
+    load with ``AutoModelForSeq2SeqLM``, the others with ``AutoModelForCausalLM``."""
+    from transformers import AutoConfig, AutoTokenizer
+    path = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kw = {"device_map": device_map} if device_map else {}
+    if dtype:
+        kw["dtype"] = dtype
+    model = auto_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, **kw)
+    model.eval()
+    return model, tokenizer
 
 
 def load_default_model(device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):

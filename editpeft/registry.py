@@ -10,10 +10,13 @@ Example:
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 from importlib.metadata import entry_points
 
 from .errors import UnknownMethodError
+from .adapters import KINDS
 from .method import EditMethod
 
 logger = logging.getLogger(__name__)
@@ -35,8 +38,38 @@ class MethodInfo:
         return self.error is None
 
 
+#: Methods registered in this process by :func:`registered` (tests, notebooks), by name.
+_IN_PROCESS: dict[str, MethodInfo] = {}
+
+
+@contextmanager
+def registered(cls: type[EditMethod], *, distribution: str = "in-process") -> Iterator[type[EditMethod]]:
+    """Make method class ``cls`` available as ``cls.name`` inside the block, as if a plugin had
+    registered it (for testing a method before packaging it; see :mod:`editpeft.testing`).
+
+    Example:
+        >>> with registered(MyMethod):                                # doctest: +SKIP
+        ...     model.add_edit(MyMethod.name, request)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, EditMethod)) or not cls.name:
+        raise TypeError(f"{cls!r} is not an EditMethod subclass with a name")
+    if cls.kind not in KINDS:
+        raise TypeError(f"{cls.__name__} has unknown kind {cls.kind!r}; kinds: {', '.join(KINDS)}")
+    previous = _IN_PROCESS.get(cls.name)
+    _IN_PROCESS[cls.name] = MethodInfo(cls.name, cls.kind, distribution, None, f"{cls.__module__}:{cls.__qualname__}",
+                                       cls=cls)
+    try:
+        yield cls
+    finally:
+        if previous is None:
+            _IN_PROCESS.pop(cls.name, None)
+        else:
+            _IN_PROCESS[cls.name] = previous
+
+
 def discover() -> dict[str, MethodInfo]:
-    """Scan the entry points now (a plugin installed a moment ago is found)."""
+    """Scan the entry points now (a plugin installed a moment ago is found), plus the methods
+    registered in this process with :func:`registered` (which take precedence)."""
     found: dict[str, MethodInfo] = {}
     for ep in entry_points(group=GROUP):
         dist = getattr(ep, "dist", None)
@@ -46,7 +79,7 @@ def discover() -> dict[str, MethodInfo]:
             cls = ep.load()
             if not (isinstance(cls, type) and issubclass(cls, EditMethod)):
                 raise TypeError(f"{ep.value} is not an editpeft.EditMethod subclass")
-            if cls.kind not in ("weight_delta", "module_hook", "router"):
+            if cls.kind not in KINDS:
                 raise TypeError(f"{ep.value} has unknown kind {cls.kind!r}")
             info = MethodInfo(ep.name, cls.kind, dist_name, dist_version, ep.value, cls=cls)
         except Exception as e:  # a broken plugin must not break the others
@@ -56,6 +89,7 @@ def discover() -> dict[str, MethodInfo]:
             logger.warning("method %r is registered twice; keeping %s", ep.name, found[ep.name].target)
             continue
         found[ep.name] = info
+    found.update(_IN_PROCESS)
     return found
 
 

@@ -28,21 +28,13 @@ from tqdm.auto import tqdm
 from .atomic import atomic_file
 from .attach import StopForward, as_btd, capture_inputs, stop_after
 from .corpus import token_chunks
+from .caches import StatsCounters
 from .errors import EditOptimizationError
 from .fingerprint import config_digest_source, tensor_digest
 from .paths import cache_root
 from .tokens import pad_id
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StatsCounters:
-    """How often statistics came from memory, from disk, or were computed."""
-
-    memory_hits: int = 0
-    disk_hits: int = 0
-    computed: int = 0
 
 
 def _state(model):
@@ -53,14 +45,14 @@ def counters(model) -> StatsCounters:
     state = _state(model)
     if state is None:
         return StatsCounters()
-    return state.memo.setdefault("stats_counters", StatsCounters())
+    return state.caches.stats_counters
 
 
 def weights_fingerprint(model) -> str:
     """Hash of the config and all original weights (memoised on the edit state)."""
     state = _state(model)
-    if state is not None and "weights_fingerprint" in state.memo:
-        return state.memo["weights_fingerprint"]
+    if state is not None and state.caches.weights_fingerprint is not None:
+        return state.caches.weights_fingerprint
     h = hashlib.sha256(config_digest_source(model.config).encode())
     for name, param in sorted(model.named_parameters()):
         module_name = name.rsplit(".", 1)[0]
@@ -70,7 +62,7 @@ def weights_fingerprint(model) -> str:
         tensor_digest(h, param)
     digest = h.hexdigest()
     if state is not None:
-        state.memo["weights_fingerprint"] = digest
+        state.caches.weights_fingerprint = digest
     return digest
 
 
@@ -81,10 +73,9 @@ def second_moment(model, tokenizer, module_name: str, *, corpus: str = "pydoc", 
                           "n_tokens": n_tokens, "seq_len": seq_len, "version": 1}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     state, count = _state(model), counters(model)
-    memo_key = ("second_moment", key)
-    if state is not None and memo_key in state.memo:
+    if state is not None and key in state.caches.second_moments:
         count.memory_hits += 1
-        return state.memo[memo_key]
+        return state.caches.second_moments[key]
     path = cache_root() / "stats" / f"{key}.safetensors"
     if path.is_file():
         mom2 = load_file(str(path))["mom2"]
@@ -98,7 +89,7 @@ def second_moment(model, tokenizer, module_name: str, *, corpus: str = "pydoc", 
                                   "seq_len": str(seq_len), "model": getattr(model.config, "_name_or_path", "")})
         count.computed += 1
     if state is not None:
-        state.memo[memo_key] = mom2
+        state.caches.second_moments[key] = mom2
     return mom2
 
 

@@ -1,8 +1,14 @@
 """Tokenisation shared by every method: prompts + targets as padded, teacher-forced batches.
 
+A :class:`TargetBatch` has two forms behind one interface. The causal form holds
+``prompt + target`` in one sequence; the seq2seq form (encoder-decoder models) feeds the prompt
+to the encoder and ``[decoder_start] + target`` to the decoder, teacher forced. Methods written
+against ``model_inputs()``, ``target_positions()``, ``target_logprobs()``, ``target_nll()``,
+``last_prompt`` and ``decoder_ids`` work with both; :meth:`TargetBatch.for_model` picks the form.
+
 Example:
-    >>> batch = TargetBatch.build(tok, ["The capital of France is"], ["Rome"])   # doctest: +SKIP
-    >>> nll = batch.target_nll(model(**batch.model_inputs()).logits)             # doctest: +SKIP
+    >>> batch = TargetBatch.for_model(model, tok, ["The capital of France is"], ["Rome"])   # doctest: +SKIP
+    >>> nll = batch.target_nll(model(**batch.model_inputs()).logits)                       # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .errors import UnsupportedModelError
 
 
 def target_token_ids(tokenizer, prompt: str, target: str) -> list[int]:
@@ -25,10 +33,33 @@ def target_token_ids(tokenizer, prompt: str, target: str) -> list[int]:
 
 
 def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (a pad id of 0 is a valid id)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
             return int(tid)
     return 0
+
+
+def decoder_start_id(model) -> int:
+    """The id an encoder-decoder model starts decoding from (``config.decoder_start_token_id``,
+    else the generation config's)."""
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        tid = getattr(cfg, "decoder_start_token_id", None)
+        if tid is not None:
+            return int(tid)
+    raise UnsupportedModelError("this encoder-decoder model has no decoder_start_token_id; set "
+                                "model.config.decoder_start_token_id (T5 uses its pad id, 0)")
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the matching attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
 def _last_token_before(offsets: Sequence[tuple[int, int]], char_end: int) -> int:
@@ -44,12 +75,20 @@ def _last_token_before(offsets: Sequence[tuple[int, int]], char_end: int) -> int
 
 @dataclass
 class TargetBatch:
-    """A right-padded batch of ``prompt + target`` sequences.
+    """A right-padded batch of prompts with teacher-forced targets, causal or seq2seq.
 
-    ``prompt_len[i]`` is the number of prompt tokens of row i; the target tokens of row i sit at
-    positions ``prompt_len[i] .. prompt_len[i] + len(targets[i]) - 1`` and are predicted by the
-    logits one position earlier. ``subject_last[i]`` is the position of the subject's last token
-    (or -1 when no subject span was given).
+    Causal form: ``input_ids`` row i is ``prompt + target``; ``prompt_len[i]`` is the number of
+    prompt tokens, the target tokens sit at positions ``prompt_len[i] .. prompt_len[i] +
+    len(target_ids[i]) - 1`` and are predicted by the logits one position earlier.
+
+    Seq2seq form (``decoder_input_ids`` set): ``input_ids`` row i is the prompt (the encoder's
+    input, ``prompt_len[i]`` tokens) and ``decoder_input_ids`` row i is ``[decoder_start] +
+    target``; target token j is predicted by the decoder's logits at position j.
+
+    Either way ``target_positions(i)`` are the positions of the logits (and of the hidden states
+    of the stack that predicts the target, whose ids are ``decoder_ids``) that predict row i's
+    target, and ``subject_last[i]`` is the position in ``input_ids`` of the subject's last token
+    (-1 when no subject span was given).
     """
 
     input_ids: torch.Tensor
@@ -57,44 +96,102 @@ class TargetBatch:
     prompt_len: list[int]
     target_ids: list[list[int]]
     subject_last: list[int]
+    decoder_input_ids: torch.Tensor | None = None
+    decoder_attention_mask: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model, tokenizer, prompts: Sequence[str], targets: Sequence[str | None] | None = None,
+                  subject_spans: Sequence[tuple[int, int] | None] | None = None,
+                  device: torch.device | str | None = None) -> "TargetBatch":
+        """The form ``model`` needs (seq2seq when ``config.is_encoder_decoder``), on ``device``
+        (default: the model's).
+
+        >>> batch = TargetBatch.for_model(t5, tok, ["The capital of France is"], ["Paris"])  # doctest: +SKIP
+        >>> sorted(batch.model_inputs())                                                      # doctest: +SKIP
+        ['attention_mask', 'decoder_attention_mask', 'decoder_input_ids', 'input_ids']
+        """
+        device = device if device is not None else model_device(model)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            return cls.build_seq2seq(tokenizer, prompts, targets, subject_spans,
+                                     decoder_start=decoder_start_id(model), device=device)
+        return cls.build(tokenizer, prompts, targets, subject_spans, device=device)
+
+    @staticmethod
+    def _encode(tokenizer, prompts, targets, subject_spans):
+        targets = list(targets) if targets is not None else [None] * len(prompts)
+        spans = list(subject_spans) if subject_spans is not None else [None] * len(prompts)
+        if len(targets) != len(prompts) or len(spans) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts, {len(targets)} targets and {len(spans)} subject spans; "
+                             "pass one of each per prompt")
+        prompt_ids, tids, subj = [], [], []
+        for prompt, target, span in zip(prompts, targets, spans):
+            enc = tokenizer(prompt, return_offsets_mapping=span is not None)
+            prompt_ids.append(list(enc["input_ids"]))
+            tids.append(target_token_ids(tokenizer, prompt, target) if target is not None else [])
+            subj.append(_last_token_before(enc["offset_mapping"], span[1]) if span is not None else -1)
+        return prompt_ids, tids, subj
 
     @classmethod
     def build(cls, tokenizer, prompts: Sequence[str], targets: Sequence[str | None] | None = None,
               subject_spans: Sequence[tuple[int, int] | None] | None = None,
               device: torch.device | str | None = None) -> "TargetBatch":
-        targets = list(targets) if targets is not None else [None] * len(prompts)
-        spans = list(subject_spans) if subject_spans is not None else [None] * len(prompts)
-        rows, plens, tids, subj = [], [], [], []
-        for prompt, target, span in zip(prompts, targets, spans):
-            enc = tokenizer(prompt, return_offsets_mapping=span is not None)
-            ids = list(enc["input_ids"])
-            t_ids = target_token_ids(tokenizer, prompt, target) if target is not None else []
-            rows.append(ids + t_ids)
-            plens.append(len(ids))
-            tids.append(t_ids)
-            subj.append(_last_token_before(enc["offset_mapping"], span[1]) if span is not None else -1)
-        width = max(len(r) for r in rows)
-        pid = pad_id(tokenizer)
-        input_ids = torch.full((len(rows), width), pid, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        """The causal form (``prompt + target`` in one sequence)."""
+        prompt_ids, tids, subj = cls._encode(tokenizer, prompts, targets, subject_spans)
+        input_ids, mask = pad_rows([p + t for p, t in zip(prompt_ids, tids)], pad_id(tokenizer))
         if device is not None:
             input_ids, mask = input_ids.to(device), mask.to(device)
-        return cls(input_ids, mask, plens, tids, subj)
+        return cls(input_ids, mask, [len(p) for p in prompt_ids], tids, subj)
+
+    @classmethod
+    def build_seq2seq(cls, tokenizer, prompts: Sequence[str], targets: Sequence[str | None] | None = None,
+                      subject_spans: Sequence[tuple[int, int] | None] | None = None, *, decoder_start: int,
+                      device: torch.device | str | None = None) -> "TargetBatch":
+        """The seq2seq form: prompts to the encoder, ``[decoder_start] + target`` to the decoder."""
+        prompt_ids, tids, subj = cls._encode(tokenizer, prompts, targets, subject_spans)
+        pad = pad_id(tokenizer)
+        input_ids, mask = pad_rows(prompt_ids, pad)
+        dec_ids, dec_mask = pad_rows([[int(decoder_start)] + t for t in tids], pad)
+        if device is not None:
+            input_ids, mask, dec_ids, dec_mask = (t.to(device) for t in (input_ids, mask, dec_ids, dec_mask))
+        return cls(input_ids, mask, [len(p) for p in prompt_ids], tids, subj, dec_ids, dec_mask)
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.decoder_input_ids is not None
+
+    @property
+    def decoder_ids(self) -> torch.Tensor:
+        """The ids whose positions index the logits and the hidden states where the targets are
+        predicted: ``decoder_input_ids`` (seq2seq) or ``input_ids`` (causal). Use it to shape
+        activations captured in the predicting stack, e.g. ``as_btd(acts, batch.decoder_ids)``."""
+        return self.decoder_input_ids if self.decoder_input_ids is not None else self.input_ids
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        """Keyword arguments of the model's forward."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.decoder_input_ids is not None:
+            out.update(decoder_input_ids=self.decoder_input_ids, decoder_attention_mask=self.decoder_attention_mask)
+        return out
+
+    def select(self, rows: Sequence[int]) -> "TargetBatch":
+        """The sub-batch of ``rows`` (same form, same padding width)."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.input_ids.device)
+        pick = (lambda t: None if t is None else t[idx])
+        return TargetBatch(self.input_ids[idx], self.attention_mask[idx], [self.prompt_len[j] for j in rows],
+                           [self.target_ids[j] for j in rows], [self.subject_last[j] for j in rows],
+                           pick(self.decoder_input_ids), pick(self.decoder_attention_mask))
 
     @property
     def last_prompt(self) -> list[int]:
-        """Position of each row's last prompt token (whose logits predict the first target token)."""
+        """Per row, the position (in ``decoder_ids``) whose logits predict the first target token:
+        the last prompt token (causal) or the decoder start (seq2seq, always 0)."""
+        if self.is_seq2seq:
+            return [0] * len(self.prompt_len)
         return [p - 1 for p in self.prompt_len]
 
     def target_positions(self, row: int) -> torch.Tensor:
-        """Positions whose logits predict row ``row``'s target tokens."""
-        start = self.prompt_len[row] - 1
+        """Positions (in ``decoder_ids``) whose logits predict row ``row``'s target tokens."""
+        start = self.last_prompt[row]
         return torch.arange(start, start + len(self.target_ids[row]))
 
     def target_logprobs(self, logits: torch.Tensor, kept: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -121,8 +218,9 @@ class TargetBatch:
 
 
 def next_token_logits(model, tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:
-    """Logits of the token following each prompt, shape (len(prompts), vocab)."""
-    batch = TargetBatch.build(tokenizer, prompts, device=device or model_device(model))
+    """Logits of the token following each prompt (seq2seq: the first decoded token), shape
+    (len(prompts), vocab)."""
+    batch = TargetBatch.for_model(model, tokenizer, prompts, device=device)
     with torch.no_grad():
         logits = model(**batch.model_inputs()).logits
     idx = torch.tensor(batch.last_prompt, device=logits.device)

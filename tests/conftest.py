@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma3_text", "opt"]
+#: Encoder-decoder families (kept apart from FAMILIES, the causal family x method matrix).
+SEQ2SEQ_FAMILIES = ["t5", "mt5", "umt5"]
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -62,15 +64,29 @@ def tiny_config(family: str, vocab: int):
         return tf.Qwen2Config(**llama_like)
     if family == "gemma":
         return tf.GemmaConfig(head_dim=16, **llama_like)
+    if family == "gemma2":
+        return tf.Gemma2Config(head_dim=16, sliding_window=64, **llama_like)
     if family == "gemma3_text":
         return tf.Gemma3TextConfig(head_dim=16, sliding_window=64, **llama_like)
+    # T5 starts decoding from the pad token (id 0 here); mT5/UMT5 use the gated-GELU FFN (wi_0, wi_1).
+    t5_like = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+                   relative_attention_num_buckets=8, decoder_start_token_id=0, vocab_size=vocab,
+                   eos_token_id=0, pad_token_id=0)
+    if family == "t5":
+        return tf.T5Config(**t5_like)
+    if family == "mt5":
+        return tf.MT5Config(**t5_like)
+    if family == "umt5":
+        return tf.UMT5Config(**t5_like)
     raise ValueError(family)
 
 
 def make_tiny_model(family: str, tokenizer, seed: int = 0):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
+    config = tiny_config(family, len(tokenizer))
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(config)
     model.eval()
     assert model.config.model_type == family
     return model
@@ -99,7 +115,7 @@ def smol():
 
 def logits_of(model, tokenizer, prompts):
     from editpeft.tokens import TargetBatch
-    batch = TargetBatch.build(tokenizer, prompts)
+    batch = TargetBatch.for_model(model, tokenizer, prompts)
     with torch.no_grad():
         return model(**batch.model_inputs()).logits
 

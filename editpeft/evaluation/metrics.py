@@ -261,17 +261,21 @@ def ngram_entropy(text: str, ns: Iterable[int] = (2, 3), weights: Iterable[float
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 50) -> list[str]:
-    """Greedy continuations (prompt included, as ROME scores them), left-padded for batching."""
+    """Greedy continuations (prompt included, as ROME scores them), left-padded for batching.
+    Encoder-decoder models generate decoder text only; the prompt is prepended to it."""
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "right" if seq2seq else "left"
     try:
         if tokenizer.pad_token is None:
             enc = [tokenizer(p, return_tensors="pt") for p in prompts]
             outs = [model.generate(**{k: v.to(model.device) for k, v in e.items()}, max_new_tokens=max_new_tokens,
                                    do_sample=False, pad_token_id=pad_id(tokenizer))[0] for e in enc]
-            return [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
-        return tokenizer.batch_decode(out, skip_special_tokens=True)
+            texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        else:
+            enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(model.device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tokenizer))
+            texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+    return [f"{p} {t}" for p, t in zip(prompts, texts)] if seq2seq else texts

@@ -9,6 +9,9 @@ tokenizer's padding side irrelevant; logits are computed only at the positions t
 When a model-level router edit is active (IKE, SERAC: they rewrite the input), items are scored
 as plain right-padded sequences instead, one per branch, so the router sees ordinary inputs.
 
+Encoder-decoder models (T5) score a branch as decoder labels: the prompt is the encoder's input,
+``[decoder_start] + branch`` the decoder's, one right-padded row per branch.
+
 Example:
     >>> scores = score_branches(model, tok, [("The capital of France is", [[ids_of_paris]])])  # doctest: +SKIP
     >>> scores[0][0].argmax[0] == ids_of_paris[0]                                             # doctest: +SKIP
@@ -23,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..tokens import model_device, pad_id
+from ..tokens import decoder_start_id, model_device, pad_id, pad_rows
 
 Item = tuple[str, Sequence[Sequence[int]]]
 
@@ -208,12 +211,40 @@ def _score_padded(model, segments: list[_Segment], batch_size: int, pad: int) ->
     return out
 
 
+@torch.no_grad()
+def _score_seq2seq(model, segments: list[_Segment], batch_size: int, pad: int) -> dict[int, list[BranchScore]]:
+    """Encoder-decoder models: the prompt to the encoder, ``[start] + branch`` to the decoder, whose
+    logits at position i predict branch token i (position ``len(branch)``: the token after it)."""
+    device, start = model_device(model), decoder_start_id(model)
+    flat = []
+    for s in segments:
+        for k, (b0, n) in enumerate(s.branches or [(s.prompt_len, 0)]):
+            flat.append((s, k, s.ids[:s.prompt_len], s.ids[b0:b0 + n]))
+    flat.sort(key=lambda f: (len(f[2]), len(f[3])))    # similar lengths share a batch: less padding
+    out: dict[int, list[BranchScore]] = {s.item: [None] * len(s.branches) for s in segments}
+    for c0 in range(0, len(flat), batch_size):
+        chunk = flat[c0:c0 + batch_size]
+        enc_ids, enc_mask = pad_rows([p for _, _, p, _ in chunk], pad)
+        dec_ids, dec_mask = pad_rows([[start] + b for _, _, _, b in chunk], pad)
+        logits = model(input_ids=enc_ids.to(device), attention_mask=enc_mask.to(device),
+                       decoder_input_ids=dec_ids.to(device), decoder_attention_mask=dec_mask.to(device),
+                       use_cache=False).logits
+        logp = F.log_softmax(logits.float(), dim=-1)
+        best = logp.argmax(-1).tolist()
+        for i, (s, k, _, b) in enumerate(chunk):
+            if s.branches:
+                out[s.item][k] = BranchScore(list(b), [float(logp[i, j, t]) for j, t in enumerate(b)],
+                                             best[i][:len(b) + 1])
+    return out
+
+
 def score_branches(model, tokenizer, items: Sequence[Item], *, max_row_tokens: int = 512,
                    rows_per_batch: int = 4, batch_size: int = 32, packed: bool | None = None) -> list[list[BranchScore]]:
     """Teacher-forced scores of every branch of every ``(prompt, branches)`` item, in input order.
 
     ``packed=None`` packs unless a router edit is active; ``True``/``False`` force a path (tests
-    check that both give the same numbers).
+    check that both give the same numbers). Encoder-decoder models always take their own path
+    (the branches as decoder labels) and ignore ``packed`` and ``max_row_tokens``.
     """
     segments, where = [], []
     for i, (prompt, branches) in enumerate(items):
@@ -223,9 +254,12 @@ def score_branches(model, tokenizer, items: Sequence[Item], *, max_row_tokens: i
         unique = list(dict.fromkeys(tuple(int(t) for t in b) for b in branches))   # score repeats once
         where.append([unique.index(tuple(int(t) for t in b)) for b in branches])
         segments.append(_segment(i, prompt_ids, [list(b) for b in unique]))
+    pad = pad_id(tokenizer)
+    if getattr(model.config, "is_encoder_decoder", False):
+        by_item = _score_seq2seq(model, segments, batch_size, pad)
+        return [[by_item[i][k] for k in where[i]] for i in range(len(items))]
     if packed is None:
         packed = not _has_router(model)
-    pad = pad_id(tokenizer)
     by_item = (_score_packed(model, segments, max_row_tokens, rows_per_batch, pad) if packed
                else _score_padded(model, segments, batch_size, pad))
     return [[by_item[i][k] for k in where[i]] for i in range(len(items))]

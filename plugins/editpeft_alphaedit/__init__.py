@@ -43,7 +43,6 @@ from editpeft.attach import LowRankDelta
 from editpeft.errors import AdapterFormatError, EditOptimizationError
 from editpeft.mass_edit import LayerRangeConfig, join_deltas, spread_over_layers
 from editpeft.method import check
-from editpeft.request import require_subjects
 from editpeft.locate import key_statistics
 
 logger = logging.getLogger(__name__)
@@ -99,6 +98,7 @@ class NullSpaceAdapter(WeightDeltaAdapter):
 class AlphaEdit(editpeft.EditMethod):
     name = "alphaedit"
     kind = "weight_delta"
+    needs_subject = True
     Config = AlphaEditConfig
     adapter_class = NullSpaceAdapter
 
@@ -111,7 +111,6 @@ class AlphaEdit(editpeft.EditMethod):
         return self._edit(model, tokenizer, requests, config, prior=adapter)
 
     def _edit(self, model, tokenizer, requests, config, prior: NullSpaceAdapter | None) -> NullSpaceAdapter:
-        require_subjects(requests, self.name)
 
         def solve(target: str, keys: torch.Tensor) -> torch.Tensor:
             dim = keys.shape[1]
@@ -135,11 +134,10 @@ class AlphaEdit(editpeft.EditMethod):
 
 def _projector(model, tokenizer, target: str, config: AlphaEditConfig) -> torch.Tensor:
     """P for ``target``, memoised on the model's edit state next to the statistics it comes from."""
-    memo = model._editpeft.memo
-    key = ("alphaedit_projector", target, config.stats_corpus, config.stats_tokens, config.nullspace_threshold)
-    if key not in memo:
-        memo[key] = null_space_projector(key_statistics(model, tokenizer, target, config), config.nullspace_threshold)
-    return memo[key]
+    key = (target, config.stats_corpus, config.stats_tokens, config.nullspace_threshold)
+    return model.edit_state.caches.derived_tensor(
+        "alphaedit.projector", key,
+        lambda: null_space_projector(key_statistics(model, tokenizer, target, config), config.nullspace_threshold))
 
 
 def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:

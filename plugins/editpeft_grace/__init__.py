@@ -36,9 +36,10 @@ from editpeft import EditRequest, MethodConfig, ModuleHookAdapter
 from editpeft.arch import get_arch, linear_dims
 from editpeft.attach import as_btd, capture_inputs, output_edit
 from editpeft.codebook import Codebook
-from editpeft.errors import AdapterFormatError, EditOptimizationError
+from editpeft.errors import AdapterFormatError
 from editpeft.method import check
 from editpeft.tokens import TargetBatch
+from editpeft.train import TrainConfig, train_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class GraceAdapter(ModuleHookAdapter):
         self._live = self.codebook.to(module.weight.device)
 
     def transform(self, target, inputs, output):
+        if self._live is None or self._live.keys.device != inputs.device:   # the model moved
+            self._live = self.codebook.to(inputs.device)
         return self._live.replace(inputs, output)
 
     def __len__(self) -> int:
@@ -102,6 +105,7 @@ class GraceAdapter(ModuleHookAdapter):
 class Grace(editpeft.EditMethod):
     name = "grace"
     kind = "module_hook"
+    topologies = ("causal", "seq2seq")
     Config = GraceConfig
     adapter_class = GraceAdapter
 
@@ -131,14 +135,14 @@ class Grace(editpeft.EditMethod):
 
 def _edit_one(model, tokenizer, module, book: Codebook, request: EditRequest, config: GraceConfig) -> Codebook:
     device = next(model.parameters()).device
-    batch = TargetBatch.build(tokenizer, [request.prompt], [request.target_new], device=device)
+    batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new], device=device)
     positions = batch.target_positions(0).to(device)
     captured: list = []
     outputs: dict[str, torch.Tensor] = {}
     with torch.no_grad(), capture_inputs(module, captured), output_edit(module, lambda x, out: _keep(outputs, out)):
         model(**batch.model_inputs(), use_cache=False)
-    keys = as_btd(captured[0], batch.input_ids)[0, positions]
-    init_values = as_btd(outputs["out"], batch.input_ids)[0, positions]
+    keys = as_btd(captured[-1], batch.decoder_ids)[0, positions]
+    init_values = as_btd(outputs["out"], batch.decoder_ids)[0, positions]
     trainable: list[int] = []
     for key, label, value in zip(keys, batch.target_ids[0], init_values):
         book, idx = book.insert(key, label, config.eps_init, value)
@@ -159,26 +163,15 @@ def _train_values(model, module, batch: TargetBatch, book: Codebook, trainable: 
     device = next(model.parameters()).device
     live = book.to(device)
     idx = torch.tensor(trainable, device=device)
-    params = live.values[idx].clone().requires_grad_(True)
-    opt = torch.optim.Adam([params], lr=config.lr)
 
-    def values():
-        return live.values.index_put((idx,), params)
+    def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        values = live.values.index_put((idx,), params["values"])
+        with output_edit(module, lambda x, out: live.replace(x, out, values)):
+            return batch.target_nll(model(**batch.model_inputs(), use_cache=False).logits)
 
-    loss_val = float("nan")
-    with torch.enable_grad(), output_edit(module, lambda x, out: live.replace(x, out, values())):
-        for _ in range(config.steps):
-            opt.zero_grad()
-            loss = batch.target_nll(model(**batch.model_inputs(), use_cache=False).logits)
-            loss_val = float(loss.detach())
-            if not torch.isfinite(loss):
-                raise EditOptimizationError(f"GRACE value training diverged (loss={loss_val}); the model "
-                                            "was left unchanged. Lower lr.")
-            if loss_val < config.stop_loss:
-                break
-            loss.backward()
-            opt.step()
-    logger.info("grace: %d new value(s), final loss %.4f", len(trainable), loss_val)
+    result = train_tensors({"values": live.values[idx]}, loss,
+                           TrainConfig(steps=config.steps, lr=config.lr, stop_loss=config.stop_loss,
+                                       desc="grace values"))
     new_values = book.values.clone()
-    new_values[torch.tensor(trainable)] = params.detach().float().cpu()
+    new_values[torch.tensor(trainable)] = result.params["values"].float().cpu()
     return Codebook(book.keys, new_values, book.radii, book.labels)

@@ -47,7 +47,6 @@ from editpeft.errors import EditOptimizationError
 from editpeft.locate import LocateEditConfig, context_templates, key_statistics, optimize_value, subject_keys
 from editpeft.mass_edit import AppendByStacking
 from editpeft.method import check
-from editpeft.request import require_subjects
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +72,10 @@ class RomeConfig(LocateEditConfig):
 class Rome(AppendByStacking, editpeft.EditMethod):
     name = "rome"
     kind = "weight_delta"
+    needs_subject = True
     Config = RomeConfig
 
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: RomeConfig) -> WeightDeltaAdapter:
-        require_subjects(requests, self.name)
         target = get_arch(model).mlp_out_name(config.layer)
         mom2 = key_statistics(model, tokenizer, target, config)
         templates = context_templates(model, tokenizer, config.context_lengths, config.seed)

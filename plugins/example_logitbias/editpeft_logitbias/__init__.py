@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 
 import editpeft
-from editpeft.request import require_subjects
 from editpeft.tokens import target_token_ids
 
 
@@ -68,11 +67,9 @@ class LogitBiasAdapter(editpeft.RouterAdapter):
 
 class LogitBias(editpeft.EditMethod):
     name, kind, Config, adapter_class = "logit_bias", "router", BiasConfig, LogitBiasAdapter
+    needs_subject, supports_batch = True, False     # checked by add_edit before compute is called
 
     def compute(self, model, tokenizer, requests, config: BiasConfig) -> LogitBiasAdapter:
-        require_subjects(requests, self.name)
-        if len(requests) != 1:
-            raise editpeft.InvalidRequestError("logit_bias edits one fact per adapter; add one edit per fact")
         r = requests[0]
         trigger = tokenizer(" " + r.subject, add_special_tokens=False)["input_ids"]
         target = target_token_ids(tokenizer, r.prompt, r.target_new)[0]
