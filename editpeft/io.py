@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .adapters import EditAdapter
+from .atomic import atomic_dir, write_text
+from .atomic import write_synced as _write
 from .errors import AdapterFormatError, MethodNotInstalledError
 from .request import EditRequest
 
@@ -62,41 +62,14 @@ def save_adapter(adapter: EditAdapter, path: str | os.PathLike, *, readme: bool 
     dest.parent.mkdir(parents=True, exist_ok=True)
     blob = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()})
     config = adapter_config(adapter, hashlib.sha256(blob).hexdigest())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    if dest.exists() and not dest.is_dir():
+        raise AdapterFormatError(f"{str(dest)!r} exists and is not a folder")
+    with atomic_dir(dest) as tmp:
         _write(tmp / WEIGHTS_NAME, blob)
         _write(tmp / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False).encode())
         if readme:
             _write(tmp / README_NAME, render_model_card(config).encode())
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(dest)
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    if not dest.is_dir():
-        raise AdapterFormatError(f"{str(dest)!r} exists and is not a folder")
-    backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-    os.rmdir(backup)
-    os.replace(dest, backup)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(backup, dest)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def read_adapter_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict]:
@@ -137,10 +110,9 @@ def save_metrics(folder: str | os.PathLike, metrics: dict[str, Any]) -> None:
     folder = Path(folder)
     config, _ = read_adapter_files(folder)
     config["metrics"] = dict(metrics)
-    _write(folder / (CONFIG_NAME + ".tmp"), json.dumps(config, indent=2, ensure_ascii=False).encode())
-    _write(folder / (README_NAME + ".tmp"), render_model_card(config).encode())
-    os.replace(folder / (CONFIG_NAME + ".tmp"), folder / CONFIG_NAME)
-    os.replace(folder / (README_NAME + ".tmp"), folder / README_NAME)
+    card = render_model_card(config)        # rendered first: a failure here writes nothing
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False))
+    write_text(folder / README_NAME, card)
 
 
 def load_adapter(folder: str | os.PathLike) -> EditAdapter:

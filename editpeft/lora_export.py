@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import EditAdapter, WeightDeltaAdapter
+from .card import adapters_facts_table, front_matter
 from .deltas import DenseDelta, LowRankDelta
 from .errors import EditError
 
@@ -79,12 +80,12 @@ def export_peft_lora(adapters: Sequence[EditAdapter], out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    lines = ["---", "library_name: peft", "tags: [editpeft, knowledge-editing, lora]", "---", "",
-             "A PEFT LoRA adapter exported from editpeft weight-delta edits:", ""]
-    lines += [f"- `{a.name}` ({a.method}): " + "; ".join(f"{r.prompt} → {r.target_new}" for r in a.requests)
-              for a in adapters]
-    lines += [f"- `{n}`: dense delta truncated to rank {t['max_rank']} by SVD; greatest logit error on its "
-              f"prompts {t['max_logit_error']:.3g}" for n, t in truncation.items()]
+    lines = front_matter("peft", ["lora"])
+    lines += ["", "A PEFT LoRA adapter exported from editpeft weight-delta edits:", ""]
+    lines += adapters_facts_table(adapters)
+    if truncation:
+        lines += [""] + [f"- `{n}`: dense delta truncated to rank {t['max_rank']} by SVD; greatest logit error "
+                         f"on its prompts {t['max_logit_error']:.3g}" for n, t in truncation.items()]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return out
 

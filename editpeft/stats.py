@@ -16,8 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_file
 from .attach import StopForward, as_btd, capture_inputs, stop_after
 from .corpus import token_chunks
 from .caches import StatsCounters
@@ -147,12 +146,5 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
 
 
 def _save_atomic(path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({"mom2": tensor.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
