@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attach import StopForward, as_btd, capture_inputs, capture_outputs, output_edit, stop_after
+from .probe import activations_at, as_btd, output_edit
 from .corpus import CORPORA
 from .errors import EditOptimizationError
 from .method import MethodConfig, check
@@ -99,14 +99,7 @@ def subject_activations(model, tokenizer, module_name: str, requests: Sequence[E
             texts.append(text)
             spans.append(span)
     batch = TargetBatch.build(tokenizer, texts, subject_spans=spans, device=next(model.parameters()).device)
-    captured: list = []
-    grab = capture_inputs(module, captured) if which == "input" else capture_outputs(module, captured)
-    with torch.no_grad(), grab, stop_after(module):
-        try:
-            model(**batch.model_inputs(), use_cache=False)
-        except StopForward:
-            pass
-    acts = as_btd(captured[0], batch.input_ids)
+    acts = as_btd(activations_at(model, module, batch.model_inputs(), which), batch.input_ids)
     rows = torch.arange(len(texts), device=acts.device)
     at_subject = acts[rows, torch.tensor(batch.subject_last, device=acts.device)].float()
     return at_subject.view(len(requests), len(templates), -1).mean(1)

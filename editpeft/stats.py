@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .atomic import atomic_file
-from .attach import StopForward, as_btd, capture_inputs, stop_after
+from .probe import activations_at, as_btd
 from .corpus import token_chunks
 from .caches import StatsCounters
 from .errors import EditOptimizationError
@@ -131,13 +131,8 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
             mask = torch.zeros_like(ids)
             for i, c in enumerate(group):
                 ids[i, : len(c)], mask[i, : len(c)] = c, 1
-            captured: list = []
-            with capture_inputs(module, captured), stop_after(module):
-                try:
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                except StopForward:
-                    pass
-            keys = as_btd(captured[0], ids)[mask.to(device).bool()].double()
+            acts = activations_at(model, module, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+            keys = as_btd(acts, ids)[mask.to(device).bool()].double()
             total = keys.T @ keys if total is None else total + keys.T @ keys
             seen += keys.shape[0]
             bar.update(keys.shape[0])
