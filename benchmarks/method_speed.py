@@ -22,20 +22,18 @@ from common import COUNTERFACT, print_table
 
 def run_one(method: str, batch: int, n_facts: int) -> dict:
     """Inside the child process: edit ``n_facts`` facts in batches of ``batch``; report timings."""
-    import resource
-
     from common import editable_default_model
 
     import editpeft
     from editpeft.evaluation import load_cases
-    from editpeft.evaluation.runner import known_mask
+    from editpeft.evaluation.runner import known_mask, peak_memory_mb
     from editpeft.stats import counters
 
     model, tok = editable_default_model()
     cases = load_cases(COUNTERFACT)
     known = [c for c, k in zip(cases, known_mask(model, tok, cases)) if k][:n_facts]
     requests = [c.requests[0] for c in known]
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = peak_memory_mb()
     seconds, size = 0.0, 0
     for start in range(0, len(requests), batch):
         group = requests[start:start + batch]
@@ -46,7 +44,7 @@ def run_one(method: str, batch: int, n_facts: int) -> dict:
         model.remove_edit(f"e{start}")
     c = counters(model)
     return {"method": method, "batch": batch, "edits": len(requests), "s_per_edit": seconds / len(requests),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_memory_mb(),
             "rss_after_load_mb": base_rss, "bytes_per_edit": size // len(requests),
             "stats": f"computed {c.computed}, disk {c.disk_hits}, memory {c.memory_hits}"}
 

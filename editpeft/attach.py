@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from .deltas import DenseDelta, LowRankDelta, WeightChange  # noqa: F401  (re-exported)
+from .probe import (StopForward, as_btd, capture_inputs, capture_outputs, output_edit,  # noqa: F401  (re-exported)
+                    stop_after)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import EditAdapter
@@ -129,36 +131,6 @@ class ModuleSlot:
 
 
 @contextmanager
-def capture_inputs(module: nn.Module, store: list) -> Iterator[list]:
-    """Collect ``module``'s first positional input of every forward call into ``store``."""
-    handle = module.register_forward_hook(lambda m, args, out: store.append(args[0]))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def capture_outputs(module: nn.Module, store: list) -> Iterator[list]:
-    """Collect ``module``'s output (the hidden states of a decoder block) of every forward call."""
-    handle = module.register_forward_hook(lambda m, args, out: store.append(out[0] if isinstance(out, tuple) else out))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def output_edit(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Temporarily replace ``module``'s output by ``fn(input, output)`` (for optimisation loops)."""
-    handle = module.register_forward_hook(lambda m, args, out: fn(args[0], out))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
 def temporary_deltas(model: nn.Module, deltas: "dict[str, WeightChange]") -> Iterator[None]:
     """Apply low-rank deltas to named modules for the duration of the block (used while an edit is
     being computed on top of its own earlier parts: ROME's later requests, MEMIT's later layers)."""
@@ -166,24 +138,3 @@ def temporary_deltas(model: nn.Module, deltas: "dict[str, WeightChange]") -> Ite
         for name, delta in deltas.items():
             stack.enter_context(output_edit(model.get_submodule(name), lambda x, out, d=delta: out + d(x)))
         yield
-
-
-def as_btd(acts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Captured activations as (batch, seq, dim); some families (OPT) flatten to (batch*seq, dim)."""
-    return acts.reshape(input_ids.shape[0], input_ids.shape[1], acts.shape[-1])
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early once the needed activations are captured."""
-
-
-@contextmanager
-def stop_after(module: nn.Module) -> Iterator[None]:
-    """Abort the forward pass right after ``module`` runs (callers catch :class:`StopForward`)."""
-    def hook(m, args, out):
-        raise StopForward
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()

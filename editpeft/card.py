@@ -1,6 +1,9 @@
-"""The Hub model card (``README.md``) of an adapter folder, and its check on load.
+"""Model cards (``README.md``): the adapter folder's card and its check on load, and the parts
+every editpeft card shares (YAML front matter with the common tags, the table of edited facts),
+used also by the merged-model card (:mod:`editpeft.merge`) and the LoRA export's card
+(:mod:`editpeft.lora_export`).
 
-The card's YAML front matter (``library_name: editpeft``, ``base_model``, ``tags`` with the method
+The adapter card's YAML front matter (``library_name: editpeft``, ``base_model``, ``tags`` with the method
 and ``knowledge-editing``, the base model's licence when known) is what the Hub indexes; it must
 agree with ``edit_config.json``, and a card that contradicts it is refused on load.
 
@@ -14,29 +17,60 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import yaml
 
 from .errors import AdapterFormatError
 
+#: The tags every editpeft card carries; each kind of card adds its own (method, "merged", "lora").
+COMMON_TAGS = ("editpeft", "knowledge-editing")
+
+
+def front_matter(library_name: str, extra_tags: Sequence[str], *, base_model: str | None = None,
+                 license: str | None = None) -> list[str]:
+    """The card's YAML front matter lines (``---`` to ``---``) with the common tags first."""
+    front: dict[str, Any] = {"library_name": library_name, "tags": [*COMMON_TAGS, *extra_tags]}
+    if base_model:
+        front["base_model"] = base_model
+    if license:
+        front["license"] = license
+    return ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---"]
+
+
+def table_row(cells: Iterable[Any]) -> str:
+    """One Markdown table row; a ``|`` inside a cell is escaped."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def facts_table(facts: Iterable[tuple[Sequence[Any], Any]], lead_columns: Sequence[str] = ()) -> list[str]:
+    """The table of edited facts: one row per ``(lead_cells, request)``; a request is an
+    :class:`~editpeft.request.EditRequest` or its ``to_dict()`` form, ``lead_cells`` fill
+    ``lead_columns`` (e.g. the edit's name and method)."""
+    header = [*lead_columns, "subject", "prompt", "old", "new"]
+    lines = [table_row(header), "|" + "---|" * len(header)]
+    for lead, r in facts:
+        r = r if isinstance(r, dict) else r.to_dict()
+        lines.append(table_row([*lead, r.get("subject") or "", r["prompt"], r.get("target_true") or "",
+                                r["target_new"]]))
+    return lines
+
+
+def adapters_facts_table(adapters: Iterable[Any]) -> list[str]:
+    """The facts table of several edits, each row led by its edit's name and method."""
+    return facts_table((([a.name or "", a.method], r) for a in adapters for r in a.requests),
+                       lead_columns=["edit", "method"])
+
 
 def render_model_card(config: dict[str, Any]) -> str:
     base = config.get("base_model") or {}
-    front: dict[str, Any] = {"library_name": "editpeft",
-                             "tags": ["editpeft", "knowledge-editing", config["method"]]}
-    if base.get("name_or_path"):
-        front["base_model"] = base["name_or_path"]
-    if base.get("license"):
-        front["license"] = base["license"]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {config.get('name') or config['method']} — a {config['method']} edit",
+    lines = front_matter("editpeft", [config["method"]], base_model=base.get("name_or_path"),
+                         license=base.get("license"))
+    lines += ["", f"# {config.get('name') or config['method']} — a {config['method']} edit",
              "", f"An [editpeft](https://pypi.org/project/editpeft/) `{config['kind']}` adapter for "
              f"`{base.get('name_or_path')}` ({base.get('model_type')}).", "",
-             "## Edited facts", "", "| subject | prompt | old | new |", "|---|---|---|---|"]
-    for r in config["requests"]:
-        cells = [r.get("subject") or "", r["prompt"], r.get("target_true") or "", r["target_new"]]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+             "## Edited facts", ""]
+    lines += facts_table(((), r) for r in config["requests"])
     lines += ["", "## Method and hyper-parameters", "", f"Method `{config['method']}`"
               + (f" from `{config['plugin']['distribution']}` {config['plugin'].get('version')}"
                  if (config.get("plugin") or {}).get("distribution") else "") + ".", "", "```json",

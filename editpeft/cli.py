@@ -101,7 +101,8 @@ def cmd_push(args) -> int:
 def cmd_inspect(args) -> int:
     """Print an adapter's provenance and contents; reads JSON and safetensors only, loads no model."""
     from .card import check_card
-    from .io import read_adapter_files, resolve_adapter_dir
+    from .io import read_adapter_files
+    from .loading import resolve_adapter_dir
     from .editors import CONFIG_NAME as EDITOR_CONFIG
     from .registry import method_info
     local = Path(args.adapter) / args.subfolder if args.subfolder else Path(args.adapter)
@@ -204,7 +205,7 @@ def _save_metrics(folder: str, summaries: dict, data: str) -> None:
 
 def cmd_export_lora(args) -> int:
     """Export saved weight-delta adapters (summed, in order) as one PEFT LoRA folder; no model is loaded."""
-    from .io import load_adapter, resolve_adapter_dir
+    from .loading import load_adapter, resolve_adapter_dir
     from .lora_export import export_peft_lora
     adapters = [load_adapter(resolve_adapter_dir(e)) for e in args.edit]
     out = export_peft_lora(adapters, args.out, base_model_name_or_path=args.base_model)

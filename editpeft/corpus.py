@@ -11,7 +11,6 @@ from typing import Iterator
 
 import torch
 
-from .tokens import pad_id
 
 CORPORA = ("pydoc", "generated")
 
@@ -49,15 +48,11 @@ def _pydoc_tokens(tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
 
 def _generated_tokens(model, tokenizer, seq_len: int, seed: int, batch: int = 16) -> Iterator[torch.Tensor]:
     starters = ["The", "In", "A", "It", "When", "This", "One", "People", "Today", "There"]
-    device = next(model.parameters()).device
+    from .tokens import seeded_generate
     step = 0
     while True:
         prompts = [starters[(step * batch + i) % len(starters)] for i in range(batch)]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed + step)
-            out = model.generate(**enc, do_sample=True, top_k=50, max_new_tokens=seq_len,
-                                 pad_token_id=pad_id(tokenizer))
+        (out,) = seeded_generate(model, tokenizer, [(prompts, seq_len)], seed=seed + step, top_k=50)
         for row in out:
             yield row[:seq_len].cpu()
         step += 1

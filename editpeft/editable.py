@@ -28,6 +28,7 @@ from .caches import ModelCaches
 from .conflicts import Conflict, find_conflicts
 from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError
 from .fingerprint import model_fingerprint
+from .method import computing
 from .registry import get_method, method_info
 from .request import EditRequest, as_request_list
 
@@ -112,22 +113,6 @@ class EditState:
                 self.enabled = previous
 
 
-@contextmanager
-def _computing(model: nn.Module) -> Iterator[None]:
-    """Freeze parameters and switch to eval mode while a method computes; restore afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
-
-
 class EditableMixin:
     """Methods added to a transformers model by :func:`enable_editing`."""
 
@@ -179,7 +164,7 @@ class EditableMixin:
             trained, config = editor_for_edit(impl, self, state.tokenizer, editor, config)
             extra = {"editor": trained}   # passed only to methods that use an editor
         cfg = impl.resolve_config(self, config)
-        with _computing(self):
+        with computing(self):
             if existing is not None:
                 adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg, **extra)
             else:
@@ -224,7 +209,7 @@ class EditableMixin:
                   revision: str | None = None, subfolder: str | None = None,
                   allow_mismatch: bool = False) -> EditAdapter:
         """Load an adapter folder (or a Hub repo ``user/repo``) and attach it on top of the stack."""
-        from .io import resolve_adapter_dir, load_adapter
+        from .loading import load_adapter, resolve_adapter_dir
         state = self._editpeft
         folder = resolve_adapter_dir(path_or_repo, revision=revision, subfolder=subfolder)
         adapter = load_adapter(folder)

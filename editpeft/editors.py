@@ -59,7 +59,9 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import (BaseModelMismatchError, ConfigError, EditError, EditOptimizationError, EditorFormatError,
                      EditorRequiredError, MethodNotInstalledError)
+from .atomic import atomic_dir, write_bytes
 from .fingerprint import model_fingerprint
+from .method import computing
 from .request import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -440,7 +442,6 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
     """
     from tqdm.auto import tqdm
 
-    from .editable import _computing
     from .registry import get_method, method_info
     impl = get_method(method)
     if not type(impl).trains_editor():
@@ -510,7 +511,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
         logger.info("step %d validation: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
 
     log_every = max(1, steps // 50)
-    with _computing(model):
+    with computing(model):
         if start == 0:
             validate(0)
         bar = tqdm(total=steps, initial=start, disable=not progress, desc=f"training {impl.name} editor",
@@ -604,17 +605,9 @@ def _seeded(seed: int, model, tag: str) -> Iterator[None]:
 
 
 def _write_files(dest: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` into ``dest``: each to a temporary name, then renamed into place."""
-    from .io import _write
-    tmp = {name: dest / f".{name}.tmp" for name in files}
-    try:
-        for name, data in files.items():
-            _write(tmp[name], data)
-        for name in files:
-            os.replace(tmp[name], dest / name)
-    finally:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
+    """Write ``files`` into ``dest``, each atomically (temporary name, then renamed into place)."""
+    for name, data in files.items():
+        write_bytes(dest / name, data)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -628,12 +621,10 @@ def _checkpoints(out: Path) -> list[Path]:
 
 def _save_checkpoint(out: Path, step: int, editor: Editor, optimizer: torch.optim.Optimizer,
                      settings: TrainSettings, history: list, keep: int) -> Path:
-    from .io import _replace_dir
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     dest = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
-    try:
+    with atomic_dir(dest) as tmp:
         snapshot = type(editor).from_saved({**editor.config(), "method": editor.method}, editor.state_dict())
         snapshot.base_model, snapshot.plugin = editor.base_model, editor.plugin
         snapshot.training = {"steps": step, "checkpoint": True}
@@ -643,10 +634,6 @@ def _save_checkpoint(out: Path, step: int, editor: Editor, optimizer: torch.opti
         state = {"format": "editpeft-trainer/1", "step": step, "settings": asdict(settings), "history": history,
                  "optimizer": meta, "optimizer_sha256": hashlib.sha256(blob).hexdigest()}
         _write_files(tmp, {OPTIMIZER_NAME: blob, STATE_NAME: json.dumps(state, indent=1).encode()})
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in _checkpoints(out)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint %s", dest)

@@ -1,29 +1,31 @@
 """The adapter folder: ``edit_config.json`` + ``edit_model.safetensors`` + ``README.md``.
 
-Writes are atomic (a sibling temporary folder renamed into place). Loading reads JSON and
-safetensors only, verifies the tensors' hash, and instantiates only installed methods.
+Writes are atomic (a sibling temporary folder renamed into place). Reading parses JSON and
+safetensors only and verifies the tensors' hash; building an adapter from what was read (which
+needs the method registry) is :mod:`editpeft.loading`'s job.
 
 Example:
     >>> adapter.save_pretrained("edits/eiffel")                  # doctest: +SKIP
-    >>> adapter = load_adapter("edits/eiffel")                   # doctest: +SKIP
+    >>> config, tensors = read_adapter_files("edits/eiffel")     # doctest: +SKIP
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .adapters import EditAdapter
-from .errors import AdapterFormatError, MethodNotInstalledError
-from .request import EditRequest
+from .atomic import atomic_dir, write_text
+from .atomic import write_synced as _write
+from .errors import AdapterFormatError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import EditAdapter
 
 FORMAT = "editpeft/1"
 CONFIG_NAME = "edit_config.json"
@@ -36,7 +38,7 @@ def editpeft_version() -> str:
     return __version__
 
 
-def adapter_config(adapter: EditAdapter, tensors_sha256: str) -> dict[str, Any]:
+def adapter_config(adapter: "EditAdapter", tensors_sha256: str) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "name": adapter.name,
@@ -55,48 +57,21 @@ def adapter_config(adapter: EditAdapter, tensors_sha256: str) -> dict[str, Any]:
     }
 
 
-def save_adapter(adapter: EditAdapter, path: str | os.PathLike, *, readme: bool = True) -> str:
+def save_adapter(adapter: "EditAdapter", path: str | os.PathLike, *, readme: bool = True) -> str:
     """Write ``adapter`` to folder ``path`` atomically; returns the folder path."""
     from .card import render_model_card
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     blob = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()})
     config = adapter_config(adapter, hashlib.sha256(blob).hexdigest())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    if dest.exists() and not dest.is_dir():
+        raise AdapterFormatError(f"{str(dest)!r} exists and is not a folder")
+    with atomic_dir(dest) as tmp:
         _write(tmp / WEIGHTS_NAME, blob)
         _write(tmp / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False).encode())
         if readme:
             _write(tmp / README_NAME, render_model_card(config).encode())
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(dest)
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    if not dest.exists():
-        os.replace(src, dest)
-        return
-    if not dest.is_dir():
-        raise AdapterFormatError(f"{str(dest)!r} exists and is not a folder")
-    backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
-    os.rmdir(backup)
-    os.replace(dest, backup)
-    try:
-        os.replace(src, dest)
-    except BaseException:
-        os.replace(backup, dest)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def read_adapter_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict]:
@@ -137,52 +112,6 @@ def save_metrics(folder: str | os.PathLike, metrics: dict[str, Any]) -> None:
     folder = Path(folder)
     config, _ = read_adapter_files(folder)
     config["metrics"] = dict(metrics)
-    _write(folder / (CONFIG_NAME + ".tmp"), json.dumps(config, indent=2, ensure_ascii=False).encode())
-    _write(folder / (README_NAME + ".tmp"), render_model_card(config).encode())
-    os.replace(folder / (CONFIG_NAME + ".tmp"), folder / CONFIG_NAME)
-    os.replace(folder / (README_NAME + ".tmp"), folder / README_NAME)
-
-
-def load_adapter(folder: str | os.PathLike) -> EditAdapter:
-    """Build the adapter stored in ``folder`` with its installed method's adapter class."""
-    from .registry import method_info
-    config, tensors = read_adapter_files(folder)
-    info = method_info(config["method"])
-    if info is None or not info.loaded:
-        dist = (config.get("plugin") or {}).get("distribution") or f"the plugin providing {config['method']!r}"
-        why = f" (it failed to load: {info.error})" if info is not None else ""
-        raise MethodNotInstalledError(f"adapter {str(folder)!r} needs method {config['method']!r}, which is not "
-                                      f"installed{why}; install it with: pip install {dist}")
-    from .card import check_card
-    check_card(Path(folder), config)
-    if info.kind != config["kind"]:
-        raise AdapterFormatError(f"adapter kind {config['kind']!r} does not match method "
-                                 f"{config['method']!r}, which makes {info.kind!r} adapters")
-    try:
-        requests = [EditRequest.from_dict(r) for r in config["requests"]]
-    except Exception as e:
-        raise AdapterFormatError(f"bad request in {CONFIG_NAME}: {e}") from None
-    adapter = info.cls.loader_class().from_saved(
-        tensors, config.get("extra") or {}, method=config["method"], hparams=config["hparams"],
-        requests=requests, targets=list(config["targets"]))
-    adapter.name = config.get("name")
-    adapter.base_model = config.get("base_model") or {}
-    adapter.plugin = config.get("plugin") or {}
-    adapter.metrics = config.get("metrics") or {}
-    adapter.editor = config.get("editor") or {}
-    return adapter
-
-
-def resolve_adapter_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None,
-                        subfolder: str | None = None) -> Path:
-    """A local adapter folder for a path, or for a Hub repo id (downloaded into the HF cache)."""
-    local = Path(path_or_repo)
-    if subfolder:
-        local = local / subfolder
-    if local.exists():
-        return local
-    text = str(path_or_repo)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
-        from .hub import download_adapter
-        return download_adapter(text, revision=revision, subfolder=subfolder)
-    raise AdapterFormatError(f"{text!r} is neither an adapter folder nor a Hub repo id ('user/repo')")
+    card = render_model_card(config)        # rendered first: a failure here writes nothing
+    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False))
+    write_text(folder / README_NAME, card)

@@ -23,13 +23,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attach import StopForward, as_btd, capture_inputs, capture_outputs, output_edit, stop_after
+from .probe import activations_at, as_btd, output_edit
 from .corpus import CORPORA
 from .errors import EditOptimizationError
 from .method import MethodConfig, check
 from .request import EditRequest
 from .stats import second_moment
-from .tokens import TargetBatch, pad_id
+from .tokens import TargetBatch, seeded_generate
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +50,18 @@ def context_templates(model, tokenizer, lengths: Sequence[tuple[int, int]] = ((1
     key = (tuple(map(tuple, lengths)), seed)
     if state is not None and key in state.caches.context_templates:
         return state.caches.context_templates[key]
-    device = next(model.parameters()).device
     templates = ["{}"]
     ctx = state.disabled() if state is not None else nullcontext()
-    with ctx, torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for length, n in lengths:
-            prompts = [STARTERS[i % len(STARTERS)] for i in range(n)]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
-            try:
-                out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
-                                     pad_token_id=pad_id(tokenizer))
-            except RuntimeError as e:
-                raise EditOptimizationError(f"sampling context prefixes failed ({e}): the model produces "
-                                            "non-finite outputs; the model was left unchanged") from None
-            for text in tokenizer.batch_decode(out, skip_special_tokens=True):
-                templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
+    batches = [([STARTERS[i % len(STARTERS)] for i in range(n)], length) for length, n in lengths]
+    with ctx:
+        try:
+            outs = seeded_generate(model, tokenizer, batches, seed=seed, top_k=5)
+        except RuntimeError as e:
+            raise EditOptimizationError(f"sampling context prefixes failed ({e}): the model produces "
+                                        "non-finite outputs; the model was left unchanged") from None
+    for out in outs:
+        for text in tokenizer.batch_decode(out, skip_special_tokens=True):
+            templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
     if state is not None:
         state.caches.context_templates[key] = templates
     return templates
@@ -103,14 +99,7 @@ def subject_activations(model, tokenizer, module_name: str, requests: Sequence[E
             texts.append(text)
             spans.append(span)
     batch = TargetBatch.build(tokenizer, texts, subject_spans=spans, device=next(model.parameters()).device)
-    captured: list = []
-    grab = capture_inputs(module, captured) if which == "input" else capture_outputs(module, captured)
-    with torch.no_grad(), grab, stop_after(module):
-        try:
-            model(**batch.model_inputs(), use_cache=False)
-        except StopForward:
-            pass
-    acts = as_btd(captured[0], batch.input_ids)
+    acts = as_btd(activations_at(model, module, batch.model_inputs(), which), batch.input_ids)
     rows = torch.arange(len(texts), device=acts.device)
     at_subject = acts[rows, torch.tensor(batch.subject_last, device=acts.device)].float()
     return at_subject.view(len(requests), len(templates), -1).mean(1)

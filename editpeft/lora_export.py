@@ -21,20 +21,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from safetensors.torch import save_file
 
-from .adapters import EditAdapter, WeightDeltaAdapter
+from .card import adapters_facts_table, front_matter
 from .deltas import DenseDelta, LowRankDelta
 from .errors import EditError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters import EditAdapter, WeightDeltaAdapter
 
 #: Families whose projection modules are transformers' Conv1D (weights stored in × out).
 CONV1D_FAMILIES = ("gpt2",)
 
 
-def export_peft_lora(adapters: Sequence[EditAdapter], out_dir: str | os.PathLike,
+def export_peft_lora(adapters: "Sequence[EditAdapter]", out_dir: str | os.PathLike,
                      base_model_name_or_path: str | None = None, max_rank: int | None = None) -> Path:
     """Write the sum of the given weight-delta adapters as one PEFT LoRA adapter in ``out_dir``.
 
@@ -42,7 +45,7 @@ def export_peft_lora(adapters: Sequence[EditAdapter], out_dir: str | os.PathLike
     if not adapters:
         raise EditError("nothing to export; pass at least one weight-delta edit")
     for a in adapters:
-        if not isinstance(a, WeightDeltaAdapter):
+        if a.kind != "weight_delta" or not hasattr(a, "deltas"):
             raise EditError(f"edit {a.name!r} is a {a.kind} adapter ({a.method}); only weight deltas have a LoRA form")
     model_types = {(a.base_model or {}).get("model_type") for a in adapters}
     bases = {(a.base_model or {}).get("name_or_path") for a in adapters}
@@ -79,12 +82,12 @@ def export_peft_lora(adapters: Sequence[EditAdapter], out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    lines = ["---", "library_name: peft", "tags: [editpeft, knowledge-editing, lora]", "---", "",
-             "A PEFT LoRA adapter exported from editpeft weight-delta edits:", ""]
-    lines += [f"- `{a.name}` ({a.method}): " + "; ".join(f"{r.prompt} → {r.target_new}" for r in a.requests)
-              for a in adapters]
-    lines += [f"- `{n}`: dense delta truncated to rank {t['max_rank']} by SVD; greatest logit error on its "
-              f"prompts {t['max_logit_error']:.3g}" for n, t in truncation.items()]
+    lines = front_matter("peft", ["lora"])
+    lines += ["", "A PEFT LoRA adapter exported from editpeft weight-delta edits:", ""]
+    lines += adapters_facts_table(adapters)
+    if truncation:
+        lines += [""] + [f"- `{n}`: dense delta truncated to rank {t['max_rank']} by SVD; greatest logit error "
+                         f"on its prompts {t['max_logit_error']:.3g}" for n, t in truncation.items()]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return out
 
@@ -99,7 +102,7 @@ def svd_factors(delta: DenseDelta, max_rank: int | None) -> LowRankDelta:
     return LowRankDelta((u[:, :rank] * root).to(dtype), (vh[:rank].T * root).to(dtype))
 
 
-def low_rank_form(adapter: WeightDeltaAdapter, max_rank: int | None) -> dict[str, LowRankDelta]:
+def low_rank_form(adapter: "WeightDeltaAdapter", max_rank: int | None) -> dict[str, LowRankDelta]:
     """Every delta of ``adapter`` as low-rank factors (low-rank ones as they are)."""
     out = {}
     for target, delta in adapter.deltas.items():
@@ -112,7 +115,7 @@ def low_rank_form(adapter: WeightDeltaAdapter, max_rank: int | None) -> dict[str
     return out
 
 
-def truncation_error(adapter: WeightDeltaAdapter, factors: dict[str, LowRankDelta]) -> float:
+def truncation_error(adapter: "WeightDeltaAdapter", factors: dict[str, LowRankDelta]) -> float:
     """Greatest |logit| difference on the adapter's prompts between the dense edit and ``factors``."""
     from .attach import temporary_deltas
     from .tokens import TargetBatch, model_device

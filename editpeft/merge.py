@@ -9,10 +9,10 @@ Example:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
+from .card import adapters_facts_table, front_matter
 from .errors import EditError
 
 
@@ -48,14 +48,8 @@ def save_merged(model, tokenizer, out_dir: str | Path, names: Sequence[str] | No
 
 def _write_card(out: Path, model, adapters) -> None:
     base = getattr(model.config, "_name_or_path", "") or ""
-    lines = ["---", "library_name: transformers", "tags: [editpeft, knowledge-editing, merged]"]
-    if base:
-        lines.append(f"base_model: {json.dumps(base)}")
-    lines += ["---", "", f"# {base or 'model'} with {len(adapters)} merged editpeft edit(s)", "",
-              "The weight deltas below are baked into the weights; load it with plain transformers.", "",
-              "| edit | method | subject | prompt | old | new |", "|---|---|---|---|---|---|"]
-    for a in adapters:
-        for r in a.requests:
-            cells = [a.name or "", a.method, r.subject or "", r.prompt, r.target_true or "", r.target_new]
-            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    lines = front_matter("transformers", ["merged"], base_model=base)
+    lines += ["", f"# {base or 'model'} with {len(adapters)} merged editpeft edit(s)", "",
+              "The weight deltas below are baked into the weights; load it with plain transformers.", ""]
+    lines += adapters_facts_table(adapters)
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -13,6 +13,7 @@ Example (a complete plugin, see docs/writing-a-plugin.md):
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 import inspect
 from abc import ABC, abstractmethod
 import logging
@@ -20,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 from .adapters import ADAPTER_KINDS, EditAdapter
 from .errors import ConfigError, EditError, InvalidRequestError, UnsupportedModelError
@@ -197,3 +198,20 @@ class EditMethod(ABC):
 def model_topology(model) -> str:
     """``"seq2seq"`` for encoder–decoder models, ``"causal"`` otherwise."""
     return "seq2seq" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "causal"
+
+
+@contextmanager
+def computing(model: "nn.Module") -> Iterator[None]:
+    """Freeze parameters and switch to eval mode while a method computes (the state ``compute``
+    is called in); restore both afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)

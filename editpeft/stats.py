@@ -16,8 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .attach import StopForward, as_btd, capture_inputs, stop_after
+from .atomic import atomic_file
+from .probe import activations_at, as_btd
 from .corpus import token_chunks
 from .caches import StatsCounters
 from .errors import EditOptimizationError
@@ -132,13 +131,8 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
             mask = torch.zeros_like(ids)
             for i, c in enumerate(group):
                 ids[i, : len(c)], mask[i, : len(c)] = c, 1
-            captured: list = []
-            with capture_inputs(module, captured), stop_after(module):
-                try:
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                except StopForward:
-                    pass
-            keys = as_btd(captured[0], ids)[mask.to(device).bool()].double()
+            acts = activations_at(model, module, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+            keys = as_btd(acts, ids)[mask.to(device).bool()].double()
             total = keys.T @ keys if total is None else total + keys.T @ keys
             seen += keys.shape[0]
             bar.update(keys.shape[0])
@@ -147,12 +141,5 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
 
 
 def _save_atomic(path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file({"mom2": tensor.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -234,3 +234,24 @@ def greedy_next_tokens(model, tokenizer, prompts: Sequence[str]) -> list[int]:
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def seeded_generate(model, tokenizer, batches: Sequence[tuple[Sequence[str], int]], *, seed: int,
+                    top_k: int) -> list[torch.Tensor]:
+    """Top-k samples for each ``(prompts, max_new_tokens)`` batch (left-padded), drawn one batch
+    after the other from one random stream seeded with ``seed``: reproducible from the seed.
+
+    The seed is applied inside a fork of the random state (the CPU's, and every CUDA device's when
+    the model is on CUDA, since ``manual_seed`` seeds them all), so the caller's global RNG is left
+    exactly as it was. Returns each batch's ``generate`` ids (prompt + continuation).
+    """
+    device = model_device(model)
+    forked = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    out = []
+    with torch.random.fork_rng(devices=forked), torch.no_grad():
+        torch.manual_seed(seed)
+        for prompts, max_new_tokens in batches:
+            enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
+            out.append(model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
+                                      pad_token_id=pad_id(tokenizer)))
+    return out

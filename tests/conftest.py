@@ -56,3 +56,49 @@ def smol():
         pytest.skip(str(e))
     torch.set_num_threads(2)
     return editpeft.enable_editing(model, tok), tok
+
+
+# -- comparing floating-point results -----------------------------------------------------------
+# Two results are compared in one of two ways, and each comparison in tests/ says which and why:
+#  * bitwise (``torch.equal``) when both sides run the same code path on the same inputs: any
+#    difference is a bug, whatever the CPU;
+#  * up to rounding (``assert_close_reordered``) when the two sides are the same mathematics
+#    evaluated in different orders (a merged weight vs a hook, a LoRA vs a delta, packed vs plain
+#    batches, a solve vs an inverse). Their difference then depends on the CPU's kernels, and the
+#    bound must come from the numerics, never from what one machine happened to produce:
+#
+#        atol = ULPS_PER_LEVEL * depth * eps(dtype) * scale,   scale = max |expected|
+#
+#    ``depth`` counts the reordered stages the difference flows through (a tiny model's forward
+#    pass: 2 blocks + the head = 3; a linear solve = 1; a backward pass doubles it). Per stage, the
+#    rounding of a dot product of n <= 128 terms random-walks to about sqrt(128) ~ 11 units of eps
+#    of the result's scale; x3 for cancellation gives 32. Example: the tiny models' float32 logits
+#    (|logit| ~ 7) get 32 * 3 * 1.19e-7 * 7 ~ 8e-5, while an edit that is lost, doubled or of the
+#    wrong sign moves them by O(1): the bound stays 4 orders of magnitude below any real bug.
+#  Where the computation can run in float64 (replaying saved float32 factors, which float64 holds
+#  exactly), the comparison is done there instead, with the same rule and eps = 2.2e-16.
+ULPS_PER_LEVEL = 32
+
+
+def rounding_atol(scale: float, depth: int, dtype: torch.dtype = torch.float32) -> float:
+    """The absolute bound above for values of magnitude ``scale`` after ``depth`` reordered stages."""
+    return ULPS_PER_LEVEL * depth * torch.finfo(dtype).eps * float(scale)
+
+
+def assert_close_reordered(actual: torch.Tensor, expected: torch.Tensor, *, depth: int) -> None:
+    """``actual`` equals ``expected`` up to the rounding of ``depth`` reordered stages (rule above)."""
+    assert actual.dtype == expected.dtype and actual.is_floating_point(), (actual.dtype, expected.dtype)
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, atol=rounding_atol(scale, depth, expected.dtype), rtol=0)
+
+
+def editable_float64(family: str, tokenizer, adapters, folder):
+    """A fresh float64 copy of the tiny ``family`` model (same seed, same base weights) with
+    ``adapters`` saved under ``folder`` and loaded in order: the stack replayed in float64
+    (float32 factors are exact in float64)."""
+    import editpeft
+    model = editpeft.enable_editing(make_tiny_model(family, tokenizer).double(), tokenizer)
+    for a in adapters:
+        a.save_pretrained(folder / f"f64-{a.name}")
+        model.load_edit(folder / f"f64-{a.name}")
+    return model

@@ -15,7 +15,7 @@ from editpeft.errors import ConfigError, EditOptimizationError
 from editpeft.patches import PatchNeuronAdapter, PatchNeurons, PatchSite
 from editpeft.train import TrainConfig, train_tensors
 
-from conftest import assert_untouched, logits_of, params_snapshot
+from conftest import assert_close_reordered, assert_untouched, logits_of, params_snapshot
 
 PROMPTS = ["The city that holds the Eiffel Tower", "The chemical symbol for gold is"]
 COMMON = dict(method="toy-dense", hparams={}, requests=[EditRequest(prompt=PROMPTS[0], target_new="Rome")])
@@ -57,19 +57,19 @@ def test_dense_delta_hook_merge_save_load(tiny, tmp_path):
     target, adapter = _dense(model)
     _attach(model, "d", adapter)
     hooked = logits_of(model, tok, PROMPTS)
-    assert not torch.equal(hooked, base)
+    assert not torch.equal(hooked, base)  # the delta changes the logits by O(0.1)
     adapter.merge()
     # hook (x @ Wᵀ added) and merged weight ((W0 + W) x) sum in different orders: float32 round-off
-    # of a 2-layer model with |logits| ~ 1, far below the O(0.1) change the delta makes.
-    torch.testing.assert_close(logits_of(model, tok, PROMPTS), hooked, atol=1e-4, rtol=1e-4)
+    # through 2 blocks + head, far below the O(0.1) change the delta makes
+    assert_close_reordered(logits_of(model, tok, PROMPTS), hooked, depth=3)
     adapter.unmerge()
-    assert torch.equal(logits_of(model, tok, PROMPTS), hooked)
+    assert torch.equal(logits_of(model, tok, PROMPTS), hooked)  # bitwise: pristine weights back, the same hook
     adapter.save_pretrained(tmp_path / "d")
     model.remove_edit("d")
     assert_untouched(model, snap)
     loaded = model.load_edit(tmp_path / "d")
     assert isinstance(loaded.deltas[target], DenseDelta)
-    assert torch.equal(logits_of(model, tok, PROMPTS), hooked)
+    assert torch.equal(logits_of(model, tok, PROMPTS), hooked)  # bitwise: reloaded tensors, the same hook
 
 
 def test_dense_delta_saves_in_its_own_dtype(tiny, tmp_path):
@@ -95,9 +95,8 @@ def test_dense_export_exact_at_its_rank_and_truncated_with_measured_error(tiny, 
     cfg = json.loads((tmp_path / "exact" / "adapter_config.json").read_text())
     assert cfg["r"] == 3 and "editpeft_truncation" not in cfg
     peft_model = PeftModel.from_pretrained(make_tiny_model("llama", tok), tmp_path / "exact")
-    # the SVD factors reproduce W to float32 round-off; logits of a 2-layer model agree to ~1e-6 of their scale
-    scale = edited.abs().max()
-    torch.testing.assert_close(logits_of(peft_model, tok, PROMPTS), edited, atol=float(1e-5 * scale), rtol=0)
+    # the SVD factors reproduce W to float32 round-off (1 stage), then LoRA vs hook through 2 blocks + head
+    assert_close_reordered(logits_of(peft_model, tok, PROMPTS), edited, depth=4)
 
     adapter.to_peft_lora(tmp_path / "cut", max_rank=1)
     cfg = json.loads((tmp_path / "cut" / "adapter_config.json").read_text())
@@ -121,14 +120,14 @@ def test_patch_neurons_at_the_ffn(tiny, tmp_path):
                          activation="relu")
     adapter = _attach(model, "p", PatchNeuronAdapter({site: patch}, **{**COMMON, "method": "toy-patch"}))
     patched = logits_of(model, tok, PROMPTS)
-    assert not torch.equal(patched, base)
+    assert not torch.equal(patched, base)  # the patch changes the logits
     with model.disabled_edits():
-        assert torch.equal(logits_of(model, tok, PROMPTS), base)
+        assert torch.equal(logits_of(model, tok, PROMPTS), base)  # bitwise: edits off, original code path
     adapter.save_pretrained(tmp_path / "p")
     model.remove_edit("p")
     assert_untouched(model, snap)
     model.load_edit(tmp_path / "p")
-    assert torch.equal(logits_of(model, tok, PROMPTS), patched)
+    assert torch.equal(logits_of(model, tok, PROMPTS), patched)  # bitwise: reloaded tensors, the same hook
 
 
 def test_a_silent_patch_changes_nothing(tiny):
@@ -138,7 +137,7 @@ def test_a_silent_patch_changes_nothing(tiny):
     hidden = model.config.hidden_size
     patch = PatchNeurons(torch.zeros(1, hidden), torch.full((1,), -1.0), torch.ones(1, hidden), activation="relu")
     _attach(model, "p", PatchNeuronAdapter({PatchSite.ffn(model, 0): patch}, **COMMON))
-    assert torch.equal(logits_of(model, tok, PROMPTS), base)
+    assert torch.equal(logits_of(model, tok, PROMPTS), base)  # bitwise: the hook adds exact zeros
 
 
 def test_gated_patch_formula_and_append():
@@ -148,8 +147,8 @@ def test_gated_patch_formula_and_append():
     a = PatchNeurons(keys, bias, values, gate=gate, activation="silu")
     x = torch.randn(5, 4, generator=g, dtype=torch.float64)
     expected = (torch.nn.functional.silu(x @ keys.T + bias) * (x @ gate.T)) @ values
-    torch.testing.assert_close(a(x), expected)
-    torch.testing.assert_close(a.append(a)(x), 2 * expected)
+    torch.testing.assert_close(a(x), expected)               # float64 defaults (1e-7) ≫ eps64 reordering
+    torch.testing.assert_close(a.append(a)(x), 2 * expected)   # same
     with pytest.raises(ValueError, match="key_bias"):
         PatchNeurons(torch.zeros(2, 4), torch.zeros(3), torch.zeros(2, 3))
 
@@ -227,7 +226,7 @@ def test_adapters_follow_the_model_dtype(tiny, dtype, tmp_path):
     other = editpeft.enable_editing(make_tiny_model(model.config.model_type, tok).to(dtype), tok)
     for name in model.edits:
         other.load_edit(tmp_path / name, allow_mismatch=True)   # the fingerprint hashes the cast weights
-    assert torch.equal(logits_of(other, tok, PROMPTS), got)
+    assert torch.equal(logits_of(other, tok, PROMPTS), got)  # bitwise: same dtype, weights and hooks
     # the saved adapters keep the dtype they were computed in
     for name, a in model.edits.items():
         assert all(t.dtype in (torch.float32, torch.int64) for t in a.state_dict().values()), name

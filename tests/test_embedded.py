@@ -49,7 +49,7 @@ def test_known_fact_changes_and_unrelated_stay(clean, method):
     assert after[0] == first_token(tok, EIFFEL)
     assert after[1:] == before[1:]
     model.remove_edit("e")
-    assert torch.equal(logits_of(model, tok, prompts), base)
+    assert torch.equal(logits_of(model, tok, prompts), base)  # bitwise: edits off, every module runs its original code path
 
 
 def test_knowledge_neurons_move_the_fact_towards_the_new_answer(clean):
@@ -104,7 +104,7 @@ def test_save_load_in_fresh_process_identical(clean, tmp_path):
         save_file({{"logits": logits_of(model, tok, {prompts!r})}}, {str(tmp_path / 'out.safetensors')!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
-    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expected)
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expected)  # bitwise: another process, same kernels and 2 threads
 
 
 def test_grace_sequential_appends_round_trip(clean, tmp_path):
@@ -123,8 +123,8 @@ def test_grace_sequential_appends_round_trip(clean, tmp_path):
     model.remove_edit("memory")
     loaded = model.load_edit(tmp_path / "memory")
     for k, v in adapter.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v)
-    assert torch.equal(logits_of(model, tok, [r.prompt for r in facts]), expected)
+        assert torch.equal(loaded.state_dict()[k], v)  # bitwise: safetensors round trip
+    assert torch.equal(logits_of(model, tok, [r.prompt for r in facts]), expected)  # bitwise: reloaded factors, same hooks
 
 
 def test_mismatched_base_model_refused(clean, tmp_path, tiny_tokenizer):

@@ -8,7 +8,7 @@ import editpeft
 from editpeft import EditRequest
 from editpeft.tokens import greedy_next_tokens, target_token_ids
 
-from conftest import FAMILIES, TINY_CONFIGS, assert_untouched, logits_of, params_snapshot
+from conftest import FAMILIES, TINY_CONFIGS, assert_close_reordered, assert_untouched, logits_of, params_snapshot
 
 CONFIGS = TINY_CONFIGS
 # In a random 2-layer model attention cannot carry an edit from a mid-prompt subject to the last
@@ -26,12 +26,13 @@ def test_rome_merge_unmerge(tiny):
     adapter = model.add_edit("rome", REQUEST, name="e", config=CONFIGS["rome"])
     hooked = logits_of(model, tok, prompts)
     adapter.merge()
-    assert not torch.equal(model.state_dict()[adapter.targets[0] + ".weight"], snap[adapter.targets[0] + ".weight"])
-    torch.testing.assert_close(logits_of(model, tok, prompts), hooked, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(model.state_dict()[adapter.targets[0] + ".weight"], snap[adapter.targets[0] + ".weight"])  # merged: the weight itself changed
+    # merged W + ΔW vs hooked W x + ΔW x: reordered float32 sums through 2 blocks + head
+    assert_close_reordered(logits_of(model, tok, prompts), hooked, depth=3)
     with model.disabled_edits():
-        assert torch.equal(logits_of(model, tok, prompts), base)
+        assert torch.equal(logits_of(model, tok, prompts), base)  # bitwise: edits off, every module runs its original code path
     adapter.unmerge()
-    assert torch.equal(logits_of(model, tok, prompts), hooked)
+    assert torch.equal(logits_of(model, tok, prompts), hooked)  # bitwise: unmerge restores the pristine weights, hooks run again
     adapter.merge()
     model.remove_edit("e")
     assert_untouched(model, snap)

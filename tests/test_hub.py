@@ -43,10 +43,10 @@ def test_push_pull_identical_logits_update_and_revision(tiny, hub, monkeypatch, 
     url = adapter.push_to_hub("user/eiffel", commit_message="first")
     first_commit = url.rsplit("/", 1)[-1]
     model.remove_edit("eiffel")
-    assert torch.equal(logits_of(model, tok, PROMPTS), base)
+    assert torch.equal(logits_of(model, tok, PROMPTS), base)  # bitwise: edits off, every module runs its original code path
 
     loaded = model.load_edit("user/eiffel")
-    assert torch.equal(logits_of(model, tok, PROMPTS), edited)
+    assert torch.equal(logits_of(model, tok, PROMPTS), edited)  # bitwise: the same hooks on the same saved tensors
     assert loaded.requests == [REQ]
 
     # a second push (an appended fact) updates the repo; the first revision stays pinned
@@ -55,16 +55,16 @@ def test_push_pull_identical_logits_update_and_revision(tiny, hub, monkeypatch, 
     grown.push_to_hub("user/eiffel")
     model.remove_edit("eiffel")
     model.load_edit("user/eiffel")
-    assert torch.equal(logits_of(model, tok, PROMPTS), both)
+    assert torch.equal(logits_of(model, tok, PROMPTS), both)  # bitwise: the same stack in the same order
     model.remove_edit("eiffel")
     model.load_edit("user/eiffel", revision=first_commit)
-    assert torch.equal(logits_of(model, tok, PROMPTS), edited)
+    assert torch.equal(logits_of(model, tok, PROMPTS), edited)  # bitwise: the same hooks on the same saved tensors
     model.remove_edit("eiffel")
 
     # offline: what was downloaded loads from the local cache
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model.load_edit("user/eiffel")
-    assert torch.equal(logits_of(model, tok, PROMPTS), both)
+    assert torch.equal(logits_of(model, tok, PROMPTS), both)  # bitwise: the same stack in the same order
     model.remove_edit("eiffel")
     with pytest.raises(editpeft.EditError, match="local Hugging Face cache"):
         model.load_edit("user/never-downloaded")
@@ -86,7 +86,7 @@ def test_several_adapters_in_one_repo(tiny, hub, tmp_path, capsys):
     model.load_edit("user/edits", subfolder="eiffel")
     model.load_edit("user/edits", subfolder="colosseum")
     assert list(model.edits) == ["eiffel", "colosseum"]
-    assert torch.equal(logits_of(model, tok, PROMPTS), with_both)
+    assert torch.equal(logits_of(model, tok, PROMPTS), with_both)  # bitwise: the same stack in the same order
 
 
 def test_hub_errors_leave_the_model_unchanged(tiny, hub, tmp_path):

@@ -9,6 +9,8 @@ from editpeft import EditRequest
 from editpeft.arch import get_arch
 from editpeft.attach import as_btd
 
+from conftest import assert_close_reordered
+
 REQUEST = EditRequest(prompt="The city that holds the {}", subject="Eiffel Tower", target_new="Rome")
 
 
@@ -45,7 +47,9 @@ def test_cached_batched_attribution_equals_plain_computation(tiny):
     scores, w_bar = editpeft_kn.attribution_scores(model, tok, REQUEST.prompt, 5, targets, steps=4)
     for i, target in enumerate(targets):
         expected = brute_force_attribution(model, tok, REQUEST.prompt, 5, target, 4)
-        torch.testing.assert_close(scores[i], expected, atol=1e-6, rtol=1e-4)
+        # cached batched vs per-step autograd: reordered float32 sums, forward + backward through
+        # 2 blocks + head (depth 6); the scores are ~1e-3, so a fixed atol=1e-6 would hide 0.1% errors
+        assert_close_reordered(scores[i], expected, depth=6)
 
 
 def test_refine_keeps_shared_neurons_and_adjusts_p():

@@ -13,7 +13,7 @@ import editpeft.lora_export
 from editpeft import EditRequest
 from editpeft.cli import main
 
-from conftest import FAMILIES, logits_of, make_tiny_model
+from conftest import FAMILIES, assert_close_reordered, editable_float64, logits_of, make_tiny_model, rounding_atol
 
 ROME = {"layer": 0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 4000,
         "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0}
@@ -28,11 +28,14 @@ def test_exported_lora_reproduces_the_stack(tiny, tmp_path):
     model, tok = tiny
     a = model.add_edit("rome", A, name="a", config=ROME)
     b = model.add_edit("rome", B, name="b", config=ROME)     # the same module: ranks concatenate
-    edited = logits_of(model, tok, PROMPTS)
     editpeft.lora_export.export_peft_lora([a, b], tmp_path / "lora")
-    fresh = make_tiny_model(model.config.model_type, tok)       # same seed: the same base weights
+    family = model.config.model_type
+    edited = logits_of(editable_float64(family, tok, [a, b], tmp_path), tok, PROMPTS)
+    fresh = make_tiny_model(family, tok).double()               # same seed: the same base weights
     peft_model = PeftModel.from_pretrained(fresh, tmp_path / "lora")
-    torch.testing.assert_close(logits_of(peft_model, tok, PROMPTS), edited, atol=1e-5, rtol=0)
+    # LoRA (x A^T) B^T vs editpeft's (x V) U^T on the same float32 factors: reordered sums, so
+    # compared in float64 (rounding ~1e-14, a lost or doubled edit ~1); depth: 2 blocks + head
+    assert_close_reordered(logits_of(peft_model, tok, PROMPTS), edited, depth=3)
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == a.deltas[next(iter(a.deltas))].rank * 2
 
@@ -50,31 +53,38 @@ def test_every_weight_delta_method_stacked_exports_exactly(tiny, tmp_path):
                                                                      "l2": 0.1, **value}),
                 model.add_edit("emmet", B, name="emmet", config={"layers": [0], **value}),
                 model.add_edit("kn", A, name="kn", config={"ig_steps": 4, "context_lengths": [[4, 2]]})]
-    edited = logits_of(model, tok, PROMPTS)
     editpeft.lora_export.export_peft_lora(adapters, tmp_path / "lora")
-    fresh = make_tiny_model(model.config.model_type, tok)
-    peft_model = PeftModel.from_pretrained(fresh, tmp_path / "lora")
-    torch.testing.assert_close(logits_of(peft_model, tok, PROMPTS), edited, atol=1e-5, rtol=0)
+    family = model.config.model_type
+    edited = logits_of(editable_float64(family, tok, adapters, tmp_path), tok, PROMPTS)
+    peft_model = PeftModel.from_pretrained(make_tiny_model(family, tok).double(), tmp_path / "lora")
+    # the same stack in two summation orders, in float64 (see the test above)
+    assert_close_reordered(logits_of(peft_model, tok, PROMPTS), edited, depth=3)
 
 
 def test_loads_with_plain_peft_in_a_process_without_editpeft(tiny_tokenizer, tmp_path):
     model = editpeft.enable_editing(make_tiny_model("llama", tiny_tokenizer), tiny_tokenizer)
     model.save_pretrained(tmp_path / "base")
     tiny_tokenizer.save_pretrained(tmp_path / "base")
-    model.add_edit("rome", A, name="a", config=ROME).to_peft_lora(tmp_path / "lora")
-    torch.save(logits_of(model, tiny_tokenizer, PROMPTS), tmp_path / "expected.pt")
+    a = model.add_edit("rome", A, name="a", config=ROME)
+    a.to_peft_lora(tmp_path / "lora")
+    expected = logits_of(editable_float64("llama", tiny_tokenizer, [a], tmp_path), tiny_tokenizer, PROMPTS)
+    torch.save(expected, tmp_path / "expected.pt")
+    # LoRA vs hook, other padding: reordered float64 sums through 2 blocks + head (see conftest)
+    atol = rounding_atol(expected.abs().max(), depth=3, dtype=torch.float64)
     script = f"""
 import sys, torch
 sys.modules["editpeft"] = None          # importing editpeft would fail here
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel
 tok = AutoTokenizer.from_pretrained({str(tmp_path / 'base')!r})
-m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r}), {str(tmp_path / 'lora')!r})
+base = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r}, dtype=torch.float64)
+m = PeftModel.from_pretrained(base, {str(tmp_path / 'lora')!r})
 enc = tok({PROMPTS!r}, return_tensors="pt", padding=True)
 got = m(**enc).logits
 want = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
 mask = enc["attention_mask"].bool()
-assert torch.allclose(got[mask], want[mask], atol=1e-5), (got[mask] - want[mask]).abs().max()
+assert got.dtype == want.dtype == torch.float64
+assert torch.allclose(got[mask], want[mask], atol={atol!r}, rtol=0), (got[mask] - want[mask]).abs().max()
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -11,7 +11,7 @@ from editpeft import EditRequest
 from editpeft.cli import main
 from editpeft.merge import save_merged
 
-from conftest import assert_untouched, logits_of, make_tiny_model, params_snapshot
+from conftest import assert_close_reordered, assert_untouched, logits_of, make_tiny_model, params_snapshot
 
 ROME = {"layer": 0, "v_steps": 60, "v_lr": 0.5, "clamp_norm_factor": 1000.0, "stats_tokens": 4000,
         "context_lengths": [[4, 2]], "kl_factor": 0.0, "v_weight_decay": 0.0}
@@ -30,10 +30,11 @@ def test_merged_folder_loads_without_editpeft(tiny, tmp_path, capsys):
     model.add_edit("rome", B, name="b", config=ROME)
     edited = logits_of(model, tok, PROMPTS)
     save_merged(model, tok, tmp_path / "merged")
-    assert torch.equal(logits_of(model, tok, PROMPTS), edited)      # in-memory model unchanged
+    assert torch.equal(logits_of(model, tok, PROMPTS), edited)      # in-memory model unchanged; bitwise: unmerged again, the same hooks run
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not isinstance(plain, editpeft.editable.EditableMixin)
-    torch.testing.assert_close(logits_of(plain, tok, PROMPTS), edited, atol=1e-5, rtol=0)
+    # merged W + ΔW (rounded to float32 once) vs W x + ΔW x: reordered float32 sums, 2 blocks + head
+    assert_close_reordered(logits_of(plain, tok, PROMPTS), edited, depth=3)
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "| a | rome | Eiffel Tower |" in card and "| b | rome | Colosseum |" in card
     model.add_edit("grace", B, name="g", config=GRACE)

@@ -28,18 +28,18 @@ def test_edit_and_lora_together(tiny, edit_first):
     else:   # a task LoRA first, then fact edits on the wrapped model (the edit hooks the LoRA's base layer)
         peft_model = get_peft_model(model, lora_cfg)
         with peft_model.disable_adapter():
-            assert torch.equal(logits_of(peft_model, tok, PROMPTS), base)
+            assert torch.equal(logits_of(peft_model, tok, PROMPTS), base)  # bitwise: LoRA and edit off, original code path
         model.add_edit("rome", REQ, name="fact", config=ROME)
         with peft_model.disable_adapter():
             edit_only = logits_of(peft_model, tok, PROMPTS)
-    assert not torch.equal(edit_only, base)
+    assert not torch.equal(edit_only, base)  # the edit changes the logits by O(1)
     both = logits_of(peft_model, tok, PROMPTS)
     with peft_model.disable_adapter():
-        assert torch.equal(logits_of(peft_model, tok, PROMPTS), edit_only)   # LoRA off: the edit alone
+        assert torch.equal(logits_of(peft_model, tok, PROMPTS), edit_only)   # LoRA off: the edit alone; bitwise: the same hook path as edit_only
     with model.disabled_edits():
         lora_only = logits_of(peft_model, tok, PROMPTS)
         with peft_model.disable_adapter():
-            assert torch.equal(logits_of(peft_model, tok, PROMPTS), base)    # both off: the base model
-    assert not torch.equal(both, lora_only) and not torch.equal(both, edit_only)
+            assert torch.equal(logits_of(peft_model, tok, PROMPTS), base)    # both off: the base model; bitwise: LoRA and edit off, original code path
+    assert not torch.equal(both, lora_only) and not torch.equal(both, edit_only)  # each adds an O(1) change
     model.remove_edit("fact")
-    assert torch.equal(logits_of(peft_model, tok, PROMPTS), lora_only)
+    assert torch.equal(logits_of(peft_model, tok, PROMPTS), lora_only)  # bitwise: edit removed, the LoRA path as lora_only

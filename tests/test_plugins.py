@@ -61,11 +61,11 @@ def test_third_party_router_plugin(plugin_site, tiny, tmp_path):
     rome_target = target_token_ids(tok, REQ.prompt, "Rome")[0]
     assert greedy_next_tokens(model, tok, [REQ.prompt]) == [rome_target]
     edited = logits_of(model, tok, prompts)
-    assert torch.equal(edited[1], base[1])  # the router leaves other prompts alone
+    assert torch.equal(edited[1], base[1])  # the router leaves other prompts alone; bitwise: same batch, same path
     with pytest.raises(editpeft.EditError, match="cannot append"):   # a method without extend()
         model.add_edit("logit_bias", REQ, name="bias", append=True)
     with model.disabled_edits():
-        assert torch.equal(logits_of(model, tok, prompts), base)
+        assert torch.equal(logits_of(model, tok, prompts), base)  # bitwise: edits off, every module runs its original code path
     # generate() goes through the router too
     enc = tok(REQ.prompt, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=0)
@@ -85,7 +85,7 @@ def test_third_party_router_plugin(plugin_site, tiny, tmp_path):
     model.remove_edit("g")
     assert_untouched(model, snap)
     model.load_edit(tmp_path / "bias")
-    assert torch.equal(logits_of(model, tok, prompts), edited)
+    assert torch.equal(logits_of(model, tok, prompts), edited)  # bitwise: the reloaded router does the same computation
 
 
 def test_cli_methods_sees_plugin_and_reports_broken(plugin_site):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -9,6 +10,8 @@ import editpeft
 from editpeft import EditRequest
 from editpeft.evaluation import CaseScorer, EvalCase, Probe, evaluate, write_report
 from editpeft.evaluation import runner as runner_mod
+
+from conftest import rounding_atol
 
 GRACE = {"grace": {"layer": 0, "eps_init": 1.0, "steps": 100}}
 SUBJECTS = ["Eiffel Tower", "Colosseum", "gold", "silver", "river", "tower"]
@@ -155,7 +158,10 @@ def test_shards_merge_into_the_unsharded_summary(tiny, tmp_path):
     assert merged["counts"]["kept"] == 6 and merged["counts"]["shards"] == 2
     for metric, by_protocol in _metrics(whole).items():
         for protocol, v in by_protocol.items():
-            assert merged["metrics"][metric][protocol]["mean"] == pytest.approx(v["mean"])
+            # baselines are scored in other batches (other padding): reordered float32 sums over
+            # 2 blocks + head + log-softmax, for margins of two log-probs of scale ~log V each
+            tol = rounding_atol(2 * math.log(len(tok)), depth=4)
+            assert merged["metrics"][metric][protocol]["mean"] == pytest.approx(v["mean"], rel=0, abs=tol)
 
 
 def test_failed_edit_is_recorded_and_leaves_nothing(tiny, tmp_path):

@@ -69,7 +69,7 @@ def test_every_site_has_its_width_and_changes_the_logits(models, tiny_tokenizer,
             with torch.no_grad():
                 again = model(**batch.model_inputs()).logits
             handle.remove()
-            assert torch.equal(again, base), f"{site}: an observing hook changed the logits"
+            assert torch.equal(again, base), f"{site}: an observing hook changed the logits"  # bitwise: an observing hook must not touch the computation
             assert len(seen) == 1, f"{site} ran {len(seen)} times in one forward"
             x = seen[0]
             assert x.shape[-1] == arch.site_width(name, stack), (site, tuple(x.shape))
@@ -101,7 +101,7 @@ def test_sites_fit_together(models, tiny_tokenizer, family, stack):
         model(**batch.model_inputs())
     for h in handles:
         h.remove()
-    assert torch.equal(seen["out0"], seen["in1"])
+    assert torch.equal(seen["out0"], seen["in1"])  # bitwise: the same tensor seen from both sides
     assert arch.mlp_out_name(1, stack) == arch.site(1, "mlp_out_proj", stack).module
     assert arch.layer_name(1, stack) == f"{arch.stack(stack).layers}.1"
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .. import __version__
+from ..atomic import atomic_dir, write_text
 from ..errors import ConfigError, EditError
 from ..tokens import target_token_ids
 from .cases import EvalCase
@@ -93,11 +94,24 @@ def known_mask(model, tokenizer, cases: Sequence[EvalCase], chunk: int = 64) -> 
     return out
 
 
-def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in MiB."""
+def peak_memory_mb(device: torch.device | None = None) -> float | None:
+    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in MiB; None
+    where the platform gives no peak (no ``resource`` module and no ``psutil``)."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        import resource            # Unix only
+    except ImportError:
+        resource = None
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux, bytes on macOS
+        return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2 ** 20               # Windows: peak working set
 
 
 class _RunDir:
@@ -120,9 +134,7 @@ class _RunDir:
         self.lines_path = path / "cases.jsonl"
         if self.lines_path.is_file():     # drop a line cut off by an interruption before appending again
             kept = self.lines()
-            tmp = self.lines_path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.lines_path)
+            write_text(self.lines_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def lines(self) -> list[dict[str, Any]]:
         if not self.lines_path.is_file():
@@ -144,9 +156,7 @@ class _RunDir:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 class Runner:
@@ -186,8 +196,10 @@ class Runner:
         return scores
 
     def _line(self, case: EvalCase, scores: dict | None, **extra) -> dict[str, Any]:
+        peak = peak_memory_mb(self.device)
+        memory = {"peak_memory_mb": round(peak, 1)} if peak is not None else {}     # unknown: left out
         return {"case_id": case.case_id, "method": self.s.method, "mode": self.s.mode, "scores": scores,
-                "peak_memory_mb": round(peak_memory_mb(self.device), 1), **extra}
+                **memory, **extra}
 
     def _running(self, bar, lines: list[dict]) -> None:
         vals = [ln["scores"]["reliability"].get("token_em") for ln in lines if ln.get("scores")]
@@ -288,16 +300,10 @@ class Runner:
         self.dir.append(lines)
 
     def _save_state(self, state_dir: Path, progress_file: Path, applied: int, names: list[str]) -> None:
-        tmp = state_dir.with_name("state.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for nm in names:
-            self.model.edits[nm].save_pretrained(tmp / nm)
-        _write_json(tmp / "progress.json", {"applied": applied, "names": names})
-        if state_dir.exists():
-            shutil.rmtree(state_dir)
-        os.replace(tmp, state_dir)
+        with atomic_dir(state_dir) as tmp:     # the previous checkpoint stays until this one is complete
+            for nm in names:
+                self.model.edits[nm].save_pretrained(tmp / nm)
+            _write_json(tmp / "progress.json", {"applied": applied, "names": names})
 
 
 def _select(model, tokenizer, cases: list[EvalCase], n: int | None, known_only: bool,
