@@ -455,18 +455,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
         raise ConfigError(f"checkpoint_every must be positive, got {checkpoint_every}")
     cfg = impl.resolve_config(model, config)
     requests, data_name, data_sha = read_training_data(data)
-    if val_data is not None:
-        val, _, val_sha = read_training_data(val_data)
-    elif val_fraction > 0:
-        n_val = max(1, int(round(len(requests) * val_fraction)))
-        if n_val >= len(requests):
-            raise ConfigError(f"val_fraction={val_fraction} leaves no training data ({len(requests)} records)")
-        order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(seed)).tolist()
-        val = [requests[i] for i in order[:n_val]]
-        requests = [requests[i] for i in sorted(order[n_val:])]
-        val_sha = f"fraction:{val_fraction}"
-    else:
-        val, val_sha = [], None
+    requests, val, val_sha = _validation_split(requests, val_data, val_fraction, seed)
     eval_every = eval_every or checkpoint_every
     device = next(model.parameters()).device
 
@@ -483,17 +472,8 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
     params = [editor.tensors[k].detach().clone().to(device).requires_grad_(True) for k in names]
     editor.tensors = dict(zip(names, params))
     optimizer = torch.optim.Adam(params, lr=lr)
-    start, history = 0, []
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        found = _checkpoints(out_dir)
-        if found and not resume:
-            raise EditError(f"{out_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); pass "
-                            "resume=True (CLI: --resume) to continue it, or choose another output folder")
-        if resume and found:
-            start, history = _restore(found, impl, editor, optimizer, settings)
-        elif resume:
-            logger.info("no checkpoint in %s; starting from step 0", out_dir)
+    start, history = _resume_point(out_dir, resume, impl, editor, optimizer, settings)
     if start > steps:
         raise ConfigError(f"the checkpoint in {out_dir} is at step {start}, past steps={steps}; pass a larger steps")
 
@@ -521,25 +501,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
                 batch = [requests[i] for i in _batch_indices(step, batch_size, len(requests), seed)]
                 with _seeded(seed, model, f"step-{step}"):
                     losses = impl.editor_step(editor, model, tokenizer, batch, cfg)
-                    loss = losses.get("loss") if isinstance(losses, Mapping) else None
-                    if not (torch.is_tensor(loss) and loss.ndim == 0 and loss.requires_grad):
-                        raise EditError(f"{impl.name}.editor_step must return a dict whose 'loss' is a scalar "
-                                        "tensor depending on the editor's tensors")
-                    if not torch.isfinite(loss):
-                        raise EditOptimizationError(
-                            f"editor training diverged at step {step + 1} (loss {float(loss.detach())}); lower lr"
-                            + (f" and resume from the last checkpoint in {out_dir}" if out_dir else ""))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    bad = [k for k, p in editor.tensors.items()
-                           if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-                    if bad:
-                        where = f", then resume from the last checkpoint in {out_dir}" if out_dir else ""
-                        raise EditOptimizationError(f"non-finite gradient for editor tensor(s) {bad} at step "
-                                                    f"{step + 1}; lower lr or set max_grad_norm{where}")
-                    if max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    optimizer.step()
+                    _optimizer_step(impl.name, editor, losses, optimizer, max_grad_norm, step, out_dir)
                 done = step + 1
                 values = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in losses.items()}
                 bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
@@ -563,6 +525,58 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
         editor.id = out_dir.name
         logger.info("saved the %s editor to %s", impl.name, out_dir)
     return editor
+
+
+def _validation_split(requests: list, val_data, val_fraction: float, seed: int) -> tuple[list, list, str | None]:
+    """(training requests, validation requests, validation data id): ``val_data`` if given, else a
+    seeded ``val_fraction`` of ``requests``, else none."""
+    if val_data is not None:
+        val, _, val_sha = read_training_data(val_data)
+        return requests, val, val_sha
+    if val_fraction <= 0:
+        return requests, [], None
+    n_val = max(1, int(round(len(requests) * val_fraction)))
+    if n_val >= len(requests):
+        raise ConfigError(f"val_fraction={val_fraction} leaves no training data ({len(requests)} records)")
+    order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [requests[i] for i in sorted(order[n_val:])], [requests[i] for i in order[:n_val]], f"fraction:{val_fraction}"
+
+
+def _resume_point(out_dir: Path | None, resume: bool, impl, editor: "Editor", optimizer, settings) -> tuple[int, list]:
+    """(first step, history): from the newest checkpoint in ``out_dir`` when resuming, else (0, [])."""
+    if out_dir is None:
+        return 0, []
+    found = _checkpoints(out_dir)
+    if found and not resume:
+        raise EditError(f"{out_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); pass "
+                        "resume=True (CLI: --resume) to continue it, or choose another output folder")
+    if resume and found:
+        return _restore(found, impl, editor, optimizer, settings)
+    if resume:
+        logger.info("no checkpoint in %s; starting from step 0", out_dir)
+    return 0, []
+
+
+def _optimizer_step(method: str, editor: "Editor", losses, optimizer, max_grad_norm: float | None, step: int,
+                    out_dir: Path | None) -> None:
+    """One optimiser step on ``losses["loss"]``; refuses a malformed or non-finite loss or gradient."""
+    loss = losses.get("loss") if isinstance(losses, Mapping) else None
+    if not (torch.is_tensor(loss) and loss.ndim == 0 and loss.requires_grad):
+        raise EditError(f"{method}.editor_step must return a dict whose 'loss' is a scalar "
+                        "tensor depending on the editor's tensors")
+    where = f", then resume from the last checkpoint in {out_dir}" if out_dir else ""
+    if not torch.isfinite(loss):
+        raise EditOptimizationError(f"editor training diverged at step {step + 1} (loss {float(loss.detach())}); "
+                                    f"lower lr{where}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    bad = [k for k, p in editor.tensors.items() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    if bad:
+        raise EditOptimizationError(f"non-finite gradient for editor tensor(s) {bad} at step "
+                                    f"{step + 1}; lower lr or set max_grad_norm{where}")
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(editor.tensors.values()), max_grad_norm)
+    optimizer.step()
 
 
 def trainable_methods() -> dict[str, Any]:

@@ -23,13 +23,15 @@ COMMON = dict(method="toy-dense", hparams={}, requests=[EditRequest(prompt=PROMP
 
 @pytest.fixture(autouse=True)
 def toy_methods():
-    """The toy methods' names are registered so that their adapters load."""
+    """The toy methods and the contract's reference methods are registered so that their adapters load."""
     from contextlib import ExitStack
     from editpeft.registry import registered
+    from editpeft.testing import reference_methods
     from toy_methods import TOY_METHODS
     with ExitStack() as stack:
         for cls in TOY_METHODS:
             stack.enter_context(registered(cls))
+        stack.enter_context(reference_methods())
         yield
 
 
@@ -200,9 +202,10 @@ def test_divergence_inside_a_method_leaves_the_model_untouched(tiny, monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tiny", ["llama", "gpt2"], indirect=True)
 def test_adapters_follow_the_model_dtype(tiny, dtype, tmp_path):
-    """After model.half()/.to(bfloat16) with a low-rank, a dense, a codebook and a patch adapter
-    attached, forward and generate run and match a model cast first and edited with the same
-    adapters (loaded from disk) — bitwise, since both apply the same casts to the same tensors."""
+    """After model.half()/.to(bfloat16) with a low-rank, a dense, a codebook, a patch and a router
+    adapter attached, forward and generate run and match a model cast first and edited with the
+    same adapters (loaded from disk) — bitwise, since both apply the same casts to the same tensors.
+    (Routers with side models: tests/test_routers.py.)"""
     from conftest import make_tiny_model
     model, tok = tiny
     req = EditRequest(prompt="The city that holds the {}", subject="Eiffel Tower", target_new="Rome")
@@ -214,6 +217,7 @@ def test_adapters_follow_the_model_dtype(tiny, dtype, tmp_path):
     hidden = model.config.hidden_size
     _attach(model, "patch", PatchNeuronAdapter({PatchSite.ffn(model, 1): PatchNeurons(
         torch.full((1, hidden), 0.1), torch.zeros(1), torch.full((1, hidden), 0.1))}, **{**COMMON, "method": "toy-patch"}))
+    model.add_edit("contract-router", req, name="router")
     for name, a in model.edits.items():
         a.save_pretrained(tmp_path / name)
     model.to(dtype)
