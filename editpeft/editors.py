@@ -228,34 +228,11 @@ class Editor:
 # -- reading ---------------------------------------------------------------------------------------
 def read_editor_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and verify an editor folder's config and tensors (JSON + safetensors, hash checked)."""
-    folder = Path(folder)
-    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    if not folder.is_dir():
-        raise EditorFormatError(f"{str(folder)!r} is not an editor folder (it does not exist)")
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise EditorFormatError(f"{p.name} is missing from {str(folder)!r}; an editor folder needs "
-                                    f"{CONFIG_NAME} and {WEIGHTS_NAME} (save it with Editor.save_pretrained or "
-                                    "train one with `editpeft train`)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EditorFormatError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise EditorFormatError(f"{cfg_path} is not an {FORMAT} editor config (format={found!r})")
-    for key in ("method", "hparams", "tensors_sha256"):
-        if key not in config:
-            raise EditorFormatError(f"{cfg_path} lacks the field {key!r}; the file is corrupt")
-    blob = w_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != config["tensors_sha256"]:
-        raise EditorFormatError(f"{w_path} does not match the hash recorded in {CONFIG_NAME}: the tensors are "
-                                "corrupt or were modified; download or train the editor again")
-    try:
-        tensors = load_safetensors_bytes(blob)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise EditorFormatError(f"{w_path} is not a valid safetensors file ({e})") from None
-    return config, tensors
+    from .io import read_verified_folder
+    return read_verified_folder(folder, config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME, fmt=FORMAT,
+                                required=("method", "hparams", "tensors_sha256"), error=EditorFormatError,
+                                what="an editor folder", how_to_fix="download it or train the editor again "
+                                "with `editpeft train`")
 
 
 def resolve_editor_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None,

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .atomic import atomic_dir, write_text
 from .atomic import write_synced as _write
-from .errors import AdapterFormatError
+from .errors import AdapterFormatError, EditError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import EditAdapter
@@ -74,36 +74,46 @@ def save_adapter(adapter: "EditAdapter", path: str | os.PathLike, *, readme: boo
     return str(dest)
 
 
-def read_adapter_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict]:
-    """Read and verify the config and tensors of an adapter folder (no model needed)."""
+def read_verified_folder(folder: str | os.PathLike, *, config_name: str, weights_name: str, fmt: str,
+                         required: Sequence[str], error: type[EditError], what: str,
+                         how_to_fix: str) -> tuple[dict[str, Any], dict]:
+    """Read and verify ``folder``'s JSON config and safetensors (format, required fields, the
+    tensors' sha256 when recorded); any problem raises ``error`` naming ``what`` the folder is."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise AdapterFormatError(f"{str(folder)!r} is not an adapter folder (it does not exist)")
-    cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        raise error(f"{str(folder)!r} is not {what} (it does not exist)")
+    cfg_path, w_path = folder / config_name, folder / weights_name
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise AdapterFormatError(f"{p.name} is missing from {str(folder)!r}; an adapter folder "
-                                     f"needs {CONFIG_NAME} and {WEIGHTS_NAME} (save it again with save_pretrained)")
+            raise error(f"{p.name} is missing from {str(folder)!r}; {what} needs {config_name} and "
+                        f"{weights_name} ({how_to_fix})")
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise AdapterFormatError(f"{cfg_path} is not an {FORMAT} adapter config "
-                                 f"(format={config.get('format') if isinstance(config, dict) else None!r})")
-    for key in ("method", "kind", "targets", "hparams", "requests"):
+        raise error(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise error(f"{cfg_path} is not a {fmt} config (format={found!r})")
+    for key in required:
         if key not in config:
-            raise AdapterFormatError(f"{cfg_path} lacks the field {key!r}; the file is corrupt")
+            raise error(f"{cfg_path} lacks the field {key!r}; the file is corrupt")
     blob = w_path.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    if config.get("tensors_sha256") and config["tensors_sha256"] != digest:
-        raise AdapterFormatError(f"{w_path} does not match the hash recorded in {CONFIG_NAME}: the "
-                                 "tensors are corrupt or were modified; download or save it again")
+    if config.get("tensors_sha256") and config["tensors_sha256"] != hashlib.sha256(blob).hexdigest():
+        raise error(f"{w_path} does not match the hash recorded in {config_name}: the tensors are corrupt or "
+                    f"were modified ({how_to_fix})")
     try:
         tensors = load_safetensors_bytes(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise AdapterFormatError(f"{w_path} is not a valid safetensors file ({e})") from None
+        raise error(f"{w_path} is not a valid safetensors file ({e})") from None
     return config, tensors
+
+
+def read_adapter_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict]:
+    """Read and verify the config and tensors of an adapter folder (no model needed)."""
+    return read_verified_folder(folder, config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME, fmt=FORMAT,
+                                required=("method", "kind", "targets", "hparams", "requests"),
+                                error=AdapterFormatError, what="an adapter folder",
+                                how_to_fix="download it or save it again with save_pretrained")
 
 
 def save_metrics(folder: str | os.PathLike, metrics: dict[str, Any]) -> None:
