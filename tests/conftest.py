@@ -102,3 +102,20 @@ def editable_float64(family: str, tokenizer, adapters, folder):
         a.save_pretrained(folder / f"f64-{a.name}")
         model.load_edit(folder / f"f64-{a.name}")
     return model
+
+
+def toy_eval_cases(facts, *, one_hop: bool = True, extra_generation: tuple[str, ...] = ("A fact about",)):
+    """Harness cases on the tiny models' vocabulary: one per (subject, new target) in ``facts``,
+    with a paraphrase, two neighbourhood probes, an optional one-hop probe and generation prompts."""
+    from editpeft import EditRequest
+    from editpeft.evaluation import EvalCase, Probe
+    out = []
+    for i, (s, t) in enumerate(facts):
+        out.append(EvalCase(
+            f"c{i}", (EditRequest(prompt=f"The city that holds the {s}", subject=s, target_new=t, target_true="London"),),
+            generalization=(Probe(f"A fact about the {s}", (t,), "London"),),
+            locality={"neighborhood": (Probe("The chemical symbol for gold is", ("Au",), t),
+                                       Probe("Berlin, London, Madrid", ()))},
+            portability={"one_hop": (Probe(f"The {s} is in the city of", (t,)),)} if one_hop else {},
+            generation_prompts=(f"The {s} is", *extra_generation)))
+    return out

@@ -7,6 +7,9 @@ Example:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import base64
 import hashlib
 import json
@@ -186,3 +189,19 @@ class LoopbackHub:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def pointed_at_loopback(monkeypatch, cache_dir) -> Iterator["LoopbackHub"]:
+    """A running LoopbackHub with huggingface_hub pointed at it (endpoint, URL template, a private
+    cache in ``cache_dir``, online, a token, short timeouts) for the duration of the block."""
+    from huggingface_hub import constants
+    with LoopbackHub() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_TOKEN", "hf_loopback")
+        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
+        yield server

@@ -26,7 +26,7 @@ from editpeft.editors import Editor
 from editpeft.tokens import TargetBatch, model_device
 
 from conftest import make_tiny_model
-from hub_server import LoopbackHub
+from hub_server import pointed_at_loopback
 
 
 # -- the toy editor method ----------------------------------------------------------------------
@@ -171,13 +171,7 @@ def test_train_save_push_reload_offline_same_adapter(tiny, toy_data, tmp_path, m
     model.remove_edit("b")
 
     # Hub round trip, then offline from the HF cache
-    with LoopbackHub() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_loopback")
+    with pointed_at_loopback(monkeypatch, tmp_path / "hf-cache") as server:
         editor.push_to_hub("user/grad-step-editor")
         assert main(["push", str(tmp_path / "ed"), "user/grad-step-editor", "--subfolder", "v1"]) == 0
         assert not any("checkpoints" in f for _, files in server.repos["user/grad-step-editor"].commits

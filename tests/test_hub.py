@@ -11,7 +11,7 @@ from editpeft import EditRequest
 from editpeft.cli import main
 
 from conftest import assert_untouched, logits_of, params_snapshot
-from hub_server import LoopbackHub
+from hub_server import pointed_at_loopback
 
 GRACE = {"layer": 0, "eps_init": 1.0, "steps": 100}
 REQ = EditRequest(prompt="The city that holds the {}", subject="Eiffel Tower", target_new="Rome")
@@ -21,15 +21,7 @@ PROMPTS = [REQ.prompt, REQ2.prompt, "Berlin, London, Madrid"]
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    from huggingface_hub import constants
-    with LoopbackHub() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_loopback")
-        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
+    with pointed_at_loopback(monkeypatch, tmp_path / "hf-cache") as server:
         yield server
 
 

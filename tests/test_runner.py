@@ -11,7 +11,7 @@ from editpeft import EditRequest
 from editpeft.evaluation import CaseScorer, EvalCase, Probe, evaluate, write_report
 from editpeft.evaluation import runner as runner_mod
 
-from conftest import rounding_atol
+from conftest import rounding_atol, toy_eval_cases
 
 GRACE = {"grace": {"layer": 0, "eps_init": 1.0, "steps": 100}}
 SUBJECTS = ["Eiffel Tower", "Colosseum", "gold", "silver", "river", "tower"]
@@ -19,17 +19,7 @@ TARGETS = ["Rome", "Paris", "Berlin", "Tokyo", "Madrid", "Vienna"]
 
 
 def _cases() -> list[EvalCase]:
-    out = []
-    for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS)):
-        prompt = f"The city that holds the {s}"
-        out.append(EvalCase(
-            f"c{i}", (EditRequest(prompt=prompt, subject=s, target_new=t, target_true="London"),),
-            generalization=(Probe(f"A fact about the {s}", (t,), "London"),),
-            locality={"neighborhood": (Probe("The chemical symbol for gold is", ("Au",), t),
-                                       Probe("Berlin, London, Madrid", ()))},
-            portability={"one_hop": (Probe(f"The {s} is in the city of", (t,)),)},
-            generation_prompts=(f"The {s} is", "A fact about")))
-    return out
+    return toy_eval_cases(list(zip(SUBJECTS, TARGETS)))
 
 
 def _metrics(summary):

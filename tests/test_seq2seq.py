@@ -17,7 +17,7 @@ from editpeft.evaluation.metrics import generate_texts
 from editpeft.registry import MethodInfo
 from editpeft.tokens import TargetBatch, greedy_next_tokens, next_token_logits, target_token_ids
 
-from conftest import SEQ2SEQ_FAMILIES, assert_close_reordered, logits_of, make_tiny_model, params_snapshot, assert_untouched
+from conftest import toy_eval_cases, SEQ2SEQ_FAMILIES, assert_close_reordered, logits_of, make_tiny_model, params_snapshot, assert_untouched
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Berlin, London"]
 TARGETS = ["Paris", "Madrid and Tokyo"]
@@ -144,17 +144,8 @@ def toy_method(monkeypatch):
 
 
 def _cases() -> list[EvalCase]:
-    facts = [("Eiffel Tower", "Rome"), ("Colosseum", "Paris"), ("gold", "Berlin")]
-    out = []
-    for i, (s, t) in enumerate(facts):
-        prompt = f"The city that holds the {s}"
-        out.append(EvalCase(
-            f"c{i}", (EditRequest(prompt=prompt, subject=s, target_new=t, target_true="London"),),
-            generalization=(Probe(f"A fact about the {s}", (t,), "London"),),
-            locality={"neighborhood": (Probe("The chemical symbol for gold is", ("Au",), t),
-                                       Probe("Berlin, London, Madrid", ()))},
-            generation_prompts=(f"The {s} is",)))
-    return out
+    return toy_eval_cases([("Eiffel Tower", "Rome"), ("Colosseum", "Paris"), ("gold", "Berlin")],
+                          one_hop=False, extra_generation=())
 
 
 def _by_hand(model, tok, prompt: str, answer: str, contrast: str | None) -> dict[str, float]:
