@@ -5,7 +5,7 @@ and exist to run the plugin contract suite on every family; register them with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,6 +43,27 @@ def _nll(model, batch: TargetBatch) -> torch.Tensor:
     return batch.target_nll(model(**batch.model_inputs(), use_cache=False).logits)
 
 
+def _train_projection_output(model, tokenizer, requests, config: ToyConfig, name: str, start: torch.Tensor,
+                             output: Callable) -> tuple[str, torch.Tensor]:
+    """Train ``w`` (from ``start``) so that the MLP output projection's output ``output(x, out, w)``
+    makes the targets likely; returns (projection name, trained w)."""
+    target = get_arch(model).mlp_out_name(_layer(model, config))
+    module = model.get_submodule(target)
+    batch = _batch(model, tokenizer, requests)
+
+    def loss(p):
+        with output_edit(module, lambda x, out: output(x, out, p["w"])):
+            return _nll(model, batch)
+    result = train_tensors({"w": start}, loss, TrainConfig(steps=config.steps, lr=config.lr * 0.1, stop_loss=0.05,
+                                                            desc=name))
+    return target, result.params["w"]
+
+
+def _projection(model, config: ToyConfig):
+    module = model.get_submodule(get_arch(model).mlp_out_name(_layer(model, config)))
+    return module, *linear_dims(module)
+
+
 class ToyDense(editpeft.EditMethod):
     """Fine-tunes a dense change of one MLP output projection."""
 
@@ -50,18 +71,11 @@ class ToyDense(editpeft.EditMethod):
     topologies = ("causal", "seq2seq")
 
     def compute(self, model, tokenizer, requests, config: ToyConfig):
-        target = get_arch(model).mlp_out_name(_layer(model, config))
-        module = model.get_submodule(target)
-        d_in, d_out = linear_dims(module)
-        batch = _batch(model, tokenizer, requests)
-
-        def loss(p):
-            with output_edit(module, lambda x, out: out + nn.functional.linear(x, p["w"])):
-                return _nll(model, batch)
-        result = train_tensors({"w": torch.zeros(d_out, d_in)}, loss,
-                               TrainConfig(steps=config.steps, lr=config.lr * 0.1, stop_loss=0.05, desc=self.name))
-        return WeightDeltaAdapter({target: DenseDelta(result.params["w"])}, method=self.name,
-                                  hparams=config.to_dict(), requests=list(requests))
+        _, d_in, d_out = _projection(model, config)
+        target, w = _train_projection_output(model, tokenizer, requests, config, self.name, torch.zeros(d_out, d_in),
+                                             lambda x, out, w: out + nn.functional.linear(x, w))
+        return WeightDeltaAdapter({target: DenseDelta(w)}, method=self.name, hparams=config.to_dict(),
+                                  requests=list(requests))
 
 
 class ToyPatch(editpeft.EditMethod):
@@ -129,22 +143,15 @@ class ToySide(editpeft.EditMethod):
     topologies = ("causal", "seq2seq")
 
     def compute(self, model, tokenizer, requests, config: ToyConfig):
-        target = get_arch(model).mlp_out_name(_layer(model, config))
-        module = model.get_submodule(target)
-        d_in, d_out = linear_dims(module)
+        module, d_in, d_out = _projection(model, config)
         weight = module.weight.detach().float()
         weight = weight.T if weight.shape != (d_out, d_in) else weight       # Conv1D stores (in, out)
         bias = module.bias.detach().float() if getattr(module, "bias", None) is not None else None
-        batch = _batch(model, tokenizer, requests)
-
-        def loss(p):
-            with output_edit(module, lambda x, out: nn.functional.linear(x, p["w"], bias).to(out.dtype)):
-                return _nll(model, batch)
-        result = train_tensors({"w": weight.clone()}, loss,
-                               TrainConfig(steps=config.steps, lr=config.lr * 0.1, stop_loss=0.05, desc=self.name))
+        target, w = _train_projection_output(model, tokenizer, requests, config, self.name, weight.clone(),
+                                             lambda x, out, w: nn.functional.linear(x, w, bias).to(out.dtype))
         side = nn.Linear(d_in, d_out, bias=bias is not None)
         with torch.no_grad():
-            side.weight.copy_(result.params["w"])
+            side.weight.copy_(w)
             if bias is not None:
                 side.bias.copy_(bias)
         return SideModuleAdapter(side.requires_grad_(False), method=self.name, hparams=config.to_dict(),
