@@ -150,7 +150,7 @@ class EditableMixin:
             raise EditError(f"cannot append {impl.name!r} edits to {name!r}, a {existing.method!r} adapter")
         name = name or _fresh_name(state, impl.name)
         get_arch(self)  # unsupported families fail before any work
-        impl.check_capabilities(self, reqs, appending=existing is not None)
+        impl.check_capabilities(self, reqs, appending=existing is not None, has_editor=editor is not None)
         batch = find_conflicts([(f"{name} (request {i})", [r]) for i, r in enumerate(reqs)])
         if batch:
             raise InvalidRequestError("the batch contains contradictory edits: "

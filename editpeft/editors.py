@@ -25,7 +25,7 @@ edit with it. The core owns the whole lifecycle, so a method implements only its
 * **Use** — ``model.add_edit(method, request, editor=...)`` takes an :class:`Editor`, a folder or a
   Hub repo id; the editor's hparams are the default config; the adapter records
   ``{"editor": {"id": ..., "sha256": ...}}`` in its ``edit_config.json``. A method with
-  ``requires_editor = True`` refuses to edit without one (:class:`EditorRequiredError`).
+  ``requires_editor = True`` refuses to edit without one (:class:`~editpeft.errors.EditorRequiredError`, raised by ``add_edit``).
 
 (:mod:`editpeft.train` is the other loop: it fits one edit's tensors to its requests; this one
 trains an editor across a dataset, with batches, checkpoints and resuming.)
@@ -58,7 +58,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import (BaseModelMismatchError, ConfigError, EditError, EditOptimizationError, EditorFormatError,
-                     EditorRequiredError, MethodNotInstalledError)
+                     MethodNotInstalledError)
 from .atomic import atomic_dir, write_bytes
 from .fingerprint import model_fingerprint
 from .method import computing
@@ -319,14 +319,6 @@ def check_editor(method, model, tokenizer, editor: Editor, config) -> None:
 def editor_for_edit(method, model, tokenizer, editor: "Editor | str | os.PathLike | None", config: Any):
     """(editor, resolved config) for ``add_edit``: loads ``editor`` (object, folder or repo id), uses its
     hparams as the default config, and checks it against ``model``."""
-    if editor is None:
-        raise EditorRequiredError(
-            f"method {method.name!r} edits with a trained editor and none was given. Train one with "
-            f"editpeft.train_editor({method.name!r}, model, tokenizer, 'train.json', out='editors/{method.name}') "
-            f"or `editpeft train {method.name} --data train.json --out editors/{method.name}`, then pass "
-            "editor=<that folder, a Hub repo id 'user/repo', or the Editor>")
-    if not type(method).trains_editor():
-        raise EditError(f"method {method.name!r} does not use a trained editor; leave editor= out")
     if not isinstance(editor, Editor):
         editor = load_editor(editor)
     if config is None or isinstance(config, Mapping):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 from .adapters import ADAPTER_KINDS, EditAdapter
-from .errors import ConfigError, EditError, InvalidRequestError, UnsupportedModelError
+from .errors import ConfigError, EditError, EditorRequiredError, InvalidRequestError, UnsupportedModelError
 from .request import EditRequest
 
 logger = logging.getLogger(__name__)
@@ -144,8 +144,17 @@ class EditMethod(ABC):
         return cls.init_editor is not EditMethod.init_editor and cls.editor_step is not EditMethod.editor_step
 
     @classmethod
-    def check_capabilities(cls, model, requests: Sequence[EditRequest], *, appending: bool) -> None:
+    def check_capabilities(cls, model, requests: Sequence[EditRequest], *, appending: bool,
+                           has_editor: bool = False) -> None:
         """Refuse, before any work, what this method cannot do (raises an :class:`EditError`)."""
+        if cls.requires_editor and not has_editor:
+            raise EditorRequiredError(
+                f"method {cls.name!r} edits with a trained editor and none was given. Train one with "
+                f"editpeft.train_editor({cls.name!r}, model, tokenizer, 'train.json', out='editors/{cls.name}') "
+                f"or `editpeft train {cls.name} --data train.json --out editors/{cls.name}`, then pass "
+                "editor=<that folder, a Hub repo id 'user/repo', or the Editor>")
+        if has_editor and not cls.trains_editor():
+            raise EditError(f"method {cls.name!r} does not use a trained editor; leave editor= out")
         topology = model_topology(model)
         if topology not in cls.topologies:
             raise UnsupportedModelError(f"method {cls.name!r} supports {' and '.join(cls.topologies)} models; this "

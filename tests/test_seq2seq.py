@@ -213,3 +213,18 @@ def test_harness_runs_a_toy_edit_on_t5(t5, toy_method, tmp_path):
         _check(lines[case.case_id]["scores"]["generalization"], _by_hand(model, tok, g.prompt, g.answers[0], g.contrast))
         model.remove_edit("toy")
     assert_untouched(model, snap)
+
+
+def test_grace_edits_t5_through_the_harness(t5, tmp_path):
+    """GRACE's codebook sits on a decoder block of T5: every edit is reliable, the unedited
+    neighbourhood keeps its answers, and the model is restored bitwise after each case."""
+    model, tok = t5
+    snap = params_snapshot(model)
+    out = evaluate(model, tok, "grace", _cases(), out=tmp_path, mode="single", progress=False,
+                   config={"grace": {"layer": 1, "steps": 100}})
+    grace = out["grace"]
+    assert grace["failed_edits"] == 0
+    assert grace["metrics"]["reliability"]["token_em"]["mean"] == 1.0
+    assert grace["metrics"]["locality"]["token_em"]["mean"] == 1.0
+    assert not model.edits
+    assert_untouched(model, snap)
