@@ -212,9 +212,13 @@ class ModuleHookAdapter(EditAdapter):
 
     kind = "module_hook"
 
-    def transform(self, target: str, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The new output of module ``target`` given its input and original output."""
-        raise NotImplementedError(f"{type(self).__name__} must implement transform() or hooks()")
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.hooks is ModuleHookAdapter.hooks and not hasattr(cls, "transform"):
+            raise TypeError(f"{cls.__name__} must define transform(target, inputs, output) or override hooks()")
+
+    # Subclasses define ``transform(target, inputs, output) -> new output`` (one output hook per
+    # target, see :meth:`hooks`) or override :meth:`hooks` for input sites or several modules.
 
     def hooks(self) -> list[tuple[str, str, Callable]]:
         """``(module name, "input" | "output", contribution)`` triples to register, in order.

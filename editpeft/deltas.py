@@ -4,7 +4,7 @@ Both kinds are applied by a forward hook as an added output, ``y += delta(x)``, 
 own weights are never touched until :meth:`merge`; both can say what they add to the weight
 (:meth:`dense`, laid out like ``module.weight``) for merging and for export. A delta keeps its
 tensors in the dtype it was computed in (that is what is saved) and follows the dtype and device
-of whatever it is applied to: after ``model.half()`` or ``model.to("cuda")`` the hook casts once
+of whatever it is applied to: after ``model.half()`` or ``model.to(device)`` the hook casts once
 and caches the cast copy.
 
 Example:

@@ -248,3 +248,11 @@ def test_capabilities_are_checked_before_any_work(tiny):
     assert list(model.edits) == ["g"]
     model.remove_edit("g")
     assert_untouched(model, snap)
+
+
+def test_a_module_hook_adapter_must_say_what_it_does():
+    from editpeft.adapters import ModuleHookAdapter
+    with pytest.raises(TypeError, match="transform"):
+        class Nothing(ModuleHookAdapter):   # noqa: F841  neither transform() nor hooks()
+            def state_dict(self):
+                return {}
