@@ -25,9 +25,10 @@ from .adapters import EditAdapter
 from .arch import get_arch
 from .attach import ModuleSlot
 from .caches import ModelCaches
+from .routing import RoutingState, routed_forward, routed_generate
 from .conflicts import Conflict, find_conflicts
 from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError
-from .fingerprint import model_fingerprint
+from .fingerprint import base_model_record, check_base_model, model_fingerprint
 from .method import computing
 from .registry import get_method, method_info
 from .request import EditRequest, as_request_list
@@ -46,6 +47,7 @@ class EditState:
         self.slots: dict[str, ModuleSlot] = {}
         self.enabled = True
         self.caches = ModelCaches()
+        self.routing = RoutingState()   # the live routing sessions (editpeft.routing)
         self.strict_conflicts = False
 
     def module(self, name: str) -> nn.Module:
@@ -242,7 +244,6 @@ def _routed_forward(self, *args, **kwargs):
     if args:
         params = list(inspect.signature(base_forward).parameters)
         kwargs.update(zip(params, args))
-    from .routing import routed_forward
     return routed_forward(self, routers, base_forward, kwargs)
 
 
@@ -251,7 +252,6 @@ def _routed_generate(self, *args, **kwargs):
     base_generate = super(type(self), self).generate
     if not _live_routers(self):
         return base_generate(*args, **kwargs)
-    from .routing import routed_generate
     return routed_generate(self, base_generate, args, kwargs)
 
 
@@ -324,12 +324,7 @@ def _stamp(adapter: EditAdapter, state: EditState, impl, cfg, name: str) -> None
     adapter.hparams = cfg.to_dict()
     adapter.plugin = {"distribution": info.distribution if info else None,
                       "version": info.version if info else None}
-    adapter.base_model = {"name_or_path": getattr(state.model.config, "_name_or_path", None) or getattr(state.model, "name_or_path", None),
-                          "model_type": state.model.config.model_type,
-                          "fingerprint": state.fingerprint(adapter.targets)}
-    license_ = getattr(state.model, "editpeft_license", None)
-    if license_:
-        adapter.base_model["license"] = license_
+    adapter.base_model = base_model_record(state.model, state.fingerprint(adapter.targets))
     adapter.name = name
 
 
@@ -371,21 +366,7 @@ def _report_conflicts(state: EditState, name: str, requests: list[EditRequest]) 
 
 
 def _verify_base(state: EditState, adapter: EditAdapter, allow_mismatch: bool) -> None:
-    base = adapter.base_model or {}
-    model_type = state.model.config.model_type
-    if base.get("model_type") and base["model_type"] != model_type:
-        raise BaseModelMismatchError(
-            f"adapter {adapter.name!r} was made for a {base['model_type']!r} model "
-            f"({base.get('name_or_path')}); this model is {model_type!r}")
-    for target in adapter.targets:
-        state.module(target)
-    expected = base.get("fingerprint")
-    actual = state.fingerprint(adapter.targets)
-    if expected and expected != actual and not allow_mismatch:
-        raise BaseModelMismatchError(
-            f"adapter {adapter.name!r} was made for base model {base.get('name_or_path')!r} with "
-            f"fingerprint {expected[:19]}..., but this model's config/weights of "
-            f"{', '.join(adapter.targets)} give {actual[:19]}...; load it onto the model it was "
-            "made for, or pass allow_mismatch=True to attach it anyway")
-    if expected and expected != actual:
-        logger.warning("attaching %r despite a base-model fingerprint mismatch", adapter.name)
+    # the family first; then the fingerprint, whose computation looks every target module up
+    check_base_model(adapter.base_model or {}, state.model, lambda: state.fingerprint(adapter.targets),
+                     what=f"adapter {adapter.name!r}", targets=adapter.targets, allow_mismatch=allow_mismatch,
+                     advice="load it onto the model it was made for, or pass allow_mismatch=True to attach it anyway")

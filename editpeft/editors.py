@@ -60,9 +60,10 @@ from safetensors.torch import save as save_safetensors_bytes
 from .errors import (BaseModelMismatchError, ConfigError, EditError, EditOptimizationError, EditorFormatError,
                      MethodNotInstalledError)
 from .atomic import atomic_dir, write_bytes
-from .fingerprint import model_fingerprint
+from .fingerprint import base_model_record, check_base_model, model_fingerprint
 from .method import computing
 from .request import EditRequest
+from .tokens import seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -145,34 +146,22 @@ class Editor:
 
     def bind(self, model) -> None:
         """Record ``model`` as this editor's base model (done by :func:`train_editor`)."""
-        self.base_model = {"name_or_path": getattr(model.config, "_name_or_path", None) or None,
-                           "model_type": model.config.model_type, "fingerprint": self.fingerprint(model)}
-        license_ = getattr(model, "editpeft_license", None)
-        if license_:
-            self.base_model["license"] = license_
+        self.base_model = base_model_record(model, self.fingerprint(model))
 
     def check_base(self, model, allow_mismatch: bool = False) -> None:
         """Refuse ``model`` unless it is the base model this editor was trained on."""
-        base = self.base_model or {}
-        model_type = model.config.model_type
-        if base.get("model_type") and base["model_type"] != model_type and not allow_mismatch:
-            raise BaseModelMismatchError(f"editor {self.id!r} was trained on a {base['model_type']!r} model "
-                                         f"({base.get('name_or_path')}); this model is {model_type!r}")
-        for target in self.targets:
-            try:
-                model.get_submodule(target)
-            except AttributeError:
-                raise BaseModelMismatchError(f"this model has no module {target!r}; editor {self.id!r} was "
-                                             "trained on another architecture") from None
-        expected, actual = base.get("fingerprint"), self.fingerprint(model)
-        if expected and expected != actual:
-            if not allow_mismatch:
-                raise BaseModelMismatchError(
-                    f"editor {self.id!r} was trained on base model {base.get('name_or_path')!r} with fingerprint "
-                    f"{expected[:19]}..., but this model gives {actual[:19]}... for {', '.join(self.targets)}; use "
-                    "it with the model it was trained on, train one for this model (editpeft train), or load it "
-                    "with load_editor(..., allow_mismatch=True)")
-            logger.warning("using editor %r despite a base-model fingerprint mismatch", self.id)
+        def actual() -> str:
+            for target in self.targets:
+                try:
+                    model.get_submodule(target)
+                except AttributeError:
+                    raise BaseModelMismatchError(f"this model has no module {target!r}; editor {self.id!r} was "
+                                                 "trained on another architecture") from None
+            return self.fingerprint(model)
+        check_base_model(self.base_model or {}, model, actual, what=f"editor {self.id!r}",
+                         targets=self.targets, allow_mismatch=allow_mismatch,
+                         advice="use it with the model it was trained on, train one for this model (editpeft train), "
+                                "or load it with load_editor(..., allow_mismatch=True)")
 
     # -- folder / Hub ---------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -579,11 +568,8 @@ def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 @contextmanager
 def _seeded(seed: int, model, tag: str) -> Iterator[None]:
     """Run the block under a seed derived from (``seed``, ``tag``), leaving the global RNG as it was."""
-    device = next(model.parameters()).device
-    devices = [device.index or 0] if device.type == "cuda" else []
     derived = int.from_bytes(hashlib.sha256(f"{seed}/{tag}".encode()).digest()[:8], "little") % (2 ** 63)
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derived)
+    with seeded_rng(derived, next(model.parameters()).device):
         yield
 
 

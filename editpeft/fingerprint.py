@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Callable, Iterable
+
+logger = logging.getLogger(__name__)
 
 import torch
 
@@ -43,3 +46,32 @@ def model_fingerprint(model, targets: Iterable[str],
         weight = weight_of(name) if weight_of else model.get_submodule(name).weight
         tensor_digest(h, weight)
     return "sha256:" + h.hexdigest()
+
+
+def base_model_record(model, fingerprint: str) -> dict:
+    """What an adapter or editor records of the base model it was made on."""
+    record = {"name_or_path": getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+              "model_type": model.config.model_type, "fingerprint": fingerprint}
+    license_ = getattr(model, "editpeft_license", None)
+    if license_:
+        record["license"] = license_
+    return record
+
+
+def check_base_model(base: dict, model, actual_fingerprint: Callable[[], str], *, what: str, targets: Iterable[str],
+                     allow_mismatch: bool, advice: str) -> None:
+    """Refuse ``model`` unless it matches the recorded ``base`` (family, then fingerprint of
+    ``targets``); with ``allow_mismatch`` a fingerprint mismatch is only logged. ``what`` names the
+    artefact in messages ("adapter 'x'"); ``advice`` says what to do instead."""
+    from .errors import BaseModelMismatchError
+    model_type = model.config.model_type
+    if base.get("model_type") and base["model_type"] != model_type:
+        raise BaseModelMismatchError(f"{what} was made for a {base['model_type']!r} model "
+                                     f"({base.get('name_or_path')}); this model is {model_type!r}")
+    expected, actual = base.get("fingerprint"), actual_fingerprint()
+    if expected and expected != actual:
+        if not allow_mismatch:
+            raise BaseModelMismatchError(
+                f"{what} was made for base model {base.get('name_or_path')!r} with fingerprint {expected[:19]}..., "
+                f"but this model's config/weights of {', '.join(targets)} give {actual[:19]}...; {advice}")
+        logger.warning("using %s despite a base-model fingerprint mismatch", what)

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFormatError, RoutingError
+from .tokens import pad_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import RouterAdapter
@@ -356,11 +357,8 @@ class RoutingState:
 
 
 def routing_state(model: nn.Module) -> RoutingState:
-    state = model._editpeft
-    rs = getattr(state, "routing", None)
-    if rs is None:
-        rs = state.routing = RoutingState()
-    return rs
+    """The routing sessions of an editable model (kept on its edit state)."""
+    return model._editpeft.routing
 
 
 def current_session(model: nn.Module) -> RoutingSession | None:
@@ -396,13 +394,6 @@ def _cache_length(cache: Any) -> int:
         return int(cache.get_seq_length())
     key = _cache_key(cache)
     return int(key.shape[-2]) if isinstance(key, torch.Tensor) and key.dim() >= 2 else 0
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer is None:
-        return 0
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pid) if pid is not None else 0
 
 
 def _new_session(model: nn.Module, routers: Sequence["RouterAdapter"], base_forward: Callable,
@@ -453,7 +444,7 @@ def _new_session(model: nn.Module, routers: Sequence["RouterAdapter"], base_forw
         group = plans.setdefault(key, (label, runner, [], []))
         group[2].append(row)
         group[3].append(prefix)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer) if tokenizer is not None else 0
     session.groups = [_Group(label, runner, rows, prefixes, pad) for label, runner, rows, prefixes in plans.values()]
     if session.groups:
         logger.debug("routing session: %s", ", ".join(f"{g.label} rows {g.rows}" for g in session.groups))

@@ -12,8 +12,9 @@ Example:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +237,17 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's RNG seeded with ``seed``, inside a fork of the random state (the
+    CPU's, and every CUDA device's when ``device`` is CUDA, since ``manual_seed`` seeds them all):
+    the caller's global RNG is left exactly as it was."""
+    forked = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        yield
+
+
 def seeded_generate(model, tokenizer, batches: Sequence[tuple[Sequence[str], int]], *, seed: int,
                     top_k: int) -> list[torch.Tensor]:
     """Top-k samples for each ``(prompts, max_new_tokens)`` batch (left-padded), drawn one batch
@@ -246,10 +258,8 @@ def seeded_generate(model, tokenizer, batches: Sequence[tuple[Sequence[str], int
     exactly as it was. Returns each batch's ``generate`` ids (prompt + continuation).
     """
     device = model_device(model)
-    forked = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     out = []
-    with torch.random.fork_rng(devices=forked), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device), torch.no_grad():
         for prompts, max_new_tokens in batches:
             enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(device)
             out.append(model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,

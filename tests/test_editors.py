@@ -193,7 +193,7 @@ def test_train_save_push_reload_offline_same_adapter(tiny, toy_data, tmp_path, m
 
     # another base model is refused (explicit override possible)
     other = editpeft.enable_editing(make_tiny_model("llama", tok, seed=1), tok)
-    with pytest.raises(editpeft.BaseModelMismatchError, match="trained on base model"):
+    with pytest.raises(editpeft.BaseModelMismatchError, match="made for base model"):
         other.add_edit("grad_step", REQ, editor=hub_editor)
     with pytest.raises(editpeft.BaseModelMismatchError):
         editpeft.load_editor(tmp_path / "ed", model=other, tokenizer=tok)
