@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 import torch
 
 from .arch import linear_dims
-from .deltas import DELTA_TYPES, DenseDelta, LowRankDelta, WeightChange, delta_type_name
+from .deltas import DELTA_TYPES, WeightChange
 from .errors import AdapterFormatError, EditError
 from .request import EditRequest
 

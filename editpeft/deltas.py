@@ -138,10 +138,3 @@ class DenseDelta:
 
 
 DELTA_TYPES: dict[str, type] = {"low_rank": LowRankDelta, "dense": DenseDelta}
-
-
-def delta_type_name(delta: WeightChange) -> str:
-    for name, cls in DELTA_TYPES.items():
-        if isinstance(delta, cls):
-            return name
-    raise TypeError(f"unknown weight change {type(delta).__name__}")

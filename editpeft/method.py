@@ -21,11 +21,14 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
 from .adapters import ADAPTER_KINDS, EditAdapter
 from .errors import ConfigError, EditError, EditorRequiredError, InvalidRequestError, UnsupportedModelError
 from .request import EditRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +213,7 @@ def model_topology(model) -> str:
 
 
 @contextmanager
-def computing(model: "nn.Module") -> Iterator[None]:
+def computing(model: "torch.nn.Module") -> Iterator[None]:
     """Freeze parameters and switch to eval mode while a method computes (the state ``compute``
     is called in); restore both afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -29,7 +29,7 @@ from transformers.activations import ACT2FN
 from .adapters import ModuleHookAdapter
 from .arch import get_arch, linear_dims
 from .deltas import _check_float_finite, _Follow
-from .errors import AdapterFormatError, ConfigError
+from .errors import AdapterFormatError, ConfigError, UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .editable import EditState
@@ -164,8 +164,7 @@ class PatchNeuronAdapter(ModuleHookAdapter):
 
     def prepare(self, state: "EditState") -> None:
         for site, patch in self.patches.items():
-            d_in, _ = linear_dims_or_hidden(state.module(site.read), "input")
-            _, d_out = linear_dims_or_hidden(state.module(site.write), "output")
+            d_in, d_out = _input_width(state.module(site.read)), _output_width(state.module(site.write))
             if (d_in is not None and d_in != patch.dims[0]) or (d_out is not None and d_out != patch.dims[1]):
                 raise AdapterFormatError(f"the patch at {site.write!r} is {patch.dims[0]}->{patch.dims[1]} but the "
                                          f"model's layer is {d_in}->{d_out}: this adapter was made for another model")
@@ -200,9 +199,21 @@ def temporary_patch(model, site: PatchSite, patch: PatchNeurons) -> Iterator[Non
             h.remove()
 
 
-def linear_dims_or_hidden(module, side: str) -> tuple[int | None, int | None]:
-    """(in, out) widths of a Linear/Conv1D; (None, None) for composite modules (checked on use)."""
+def _input_width(module) -> int | None:
+    """Width of ``module``'s input: its own for a Linear/Conv1D, else its first projection's."""
+    projections = [m for m in module.modules() if _is_projection(m)]
+    return linear_dims(projections[0])[0] if projections else None
+
+
+def _output_width(module) -> int | None:
+    """Width of ``module``'s output: its own for a Linear/Conv1D, else its last projection's."""
+    projections = [m for m in module.modules() if _is_projection(m)]
+    return linear_dims(projections[-1])[1] if projections else None
+
+
+def _is_projection(module) -> bool:
     try:
-        return linear_dims(module)
-    except Exception:
-        return None, None
+        linear_dims(module)
+        return True
+    except UnsupportedModelError:
+        return False

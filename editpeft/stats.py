@@ -18,7 +18,6 @@ import json
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch

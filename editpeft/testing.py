@@ -396,8 +396,8 @@ def _check_bad_input(run: _Run, model, snap) -> None:
                                                                        append=True, config=run.config),
                  "an append to a method without extend()")
         model.remove_edit("edit")
-    other = "t5" if model_topology(model) == "causal" else "llama"
-    if model_topology(make_tiny_model(other, run.tok)) not in impl.topologies:
+    other, other_topology = ("t5", "seq2seq") if model_topology(model) == "causal" else ("llama", "causal")
+    if other_topology not in impl.topologies:
         foreign = enable_editing(make_tiny_model(other, run.tok), run.tok)
         _refused(foreign, params_snapshot(foreign), lambda: foreign.add_edit(run.method, run.request, config=run.config),
                  f"a {other} model (a topology the method does not declare)")

@@ -32,7 +32,6 @@ from .errors import ConfigError, EditOptimizationError
 
 logger = logging.getLogger(__name__)
 
-LossOutput = "torch.Tensor | Mapping[str, torch.Tensor]"
 Constraint = Callable[[dict[str, torch.Tensor]], None]
 
 #: A loop shows its progress bar once it has run this many seconds (``EDITPEFT_PROGRESS=0`` hides it).

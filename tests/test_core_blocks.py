@@ -10,7 +10,7 @@ import torch
 import editpeft
 from editpeft import EditRequest
 from editpeft.adapters import WeightDeltaAdapter
-from editpeft.deltas import DenseDelta, LowRankDelta
+from editpeft.deltas import DenseDelta
 from editpeft.errors import ConfigError, EditOptimizationError
 from editpeft.patches import PatchNeuronAdapter, PatchNeurons, PatchSite
 from editpeft.train import TrainConfig, train_tensors
@@ -256,3 +256,15 @@ def test_a_module_hook_adapter_must_say_what_it_does():
         class Nothing(ModuleHookAdapter):   # noqa: F841  neither transform() nor hooks()
             def state_dict(self):
                 return {}
+
+
+@pytest.mark.parametrize("tiny", ["llama", "opt", "gpt2", "t5"], indirect=True)
+def test_a_patch_of_another_width_is_refused_on_attach(tiny):
+    model, tok = tiny
+    snap = params_snapshot(model)
+    hidden = editpeft.arch.get_arch(model).site_width("mlp_in")
+    wrong = PatchNeurons(torch.zeros(1, hidden + 1), torch.zeros(1), torch.zeros(1, hidden), activation="relu")
+    with pytest.raises(editpeft.AdapterFormatError, match="made for another model"):
+        _attach(model, "p", PatchNeuronAdapter({PatchSite.ffn(model, 0): wrong}, **{**COMMON, "method": "toy-patch"}))
+    assert not model.edits
+    assert_untouched(model, snap)

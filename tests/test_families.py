@@ -4,9 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import editpeft
 from editpeft import EditRequest
-from editpeft.tokens import greedy_next_tokens, target_token_ids
 
 from conftest import FAMILIES, TINY_CONFIGS, assert_close_reordered, assert_untouched, logits_of, params_snapshot
 

@@ -8,7 +8,7 @@ import pytest
 
 import editpeft
 from editpeft import EditRequest
-from editpeft.evaluation import CaseScorer, EvalCase, Probe, evaluate, write_report
+from editpeft.evaluation import CaseScorer, EvalCase, evaluate, write_report
 from editpeft.evaluation import runner as runner_mod
 
 from conftest import rounding_atol, toy_eval_cases

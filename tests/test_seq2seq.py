@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import editpeft
-from editpeft import EditRequest
 from editpeft.arch import get_arch
 from editpeft.attach import LowRankDelta, as_btd, capture_inputs
-from editpeft.evaluation import CaseScorer, EvalCase, Probe, evaluate
+from editpeft.evaluation import CaseScorer, EvalCase, evaluate
 from editpeft.evaluation.metrics import generate_texts
 from editpeft.registry import MethodInfo
 from editpeft.tokens import TargetBatch, greedy_next_tokens, next_token_logits, target_token_ids
