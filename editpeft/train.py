@@ -179,7 +179,13 @@ def train_tensors(params: Mapping[str, torch.Tensor], loss_fn: Callable[[dict[st
                                                     "the model was left unchanged. Lower lr.")
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(list(live.values()), config.grad_clip)
-                opt.step()
+                try:
+                    opt.step()
+                except RuntimeError as e:        # a step too large for the tensors' dtype
+                    if "overflow" not in str(e):
+                        raise
+                    raise EditOptimizationError(f"{config.desc}: the update overflowed at step {step} ({e}); the "
+                                                "model was left unchanged. Lower lr.") from None
                 with torch.no_grad():
                     for c in constraints:
                         c(live)

@@ -29,6 +29,9 @@ TINY_CONFIGS = {
     "alphaedit": {"layers": [0, 1], "nullspace_threshold": 1.0, "l2": 0.1, **VALUE},
     "emmet": {"layers": [0, 1], **VALUE},
     "kn": {"ig_steps": 5, "context_lengths": [[4, 2]]},
+    "ft-m": {"layers": [0], "lr": 0.01, "steps": 60},
+    "ft-l": {"layers": [0], "lr": 0.01, "steps": 60, "norm_constraint": 0.5},
+    "lora": {"rank": 4, "alpha": 8.0, "lr": 0.02, "steps": 60, "dropout": 0.0},
 }
 
 

@@ -1,7 +1,7 @@
 """Sweep hyper-parameters of a method on known CounterFact cases, through the evaluation harness.
 
-    python benchmarks/rome_sweep.py --layers 2 3 4 6 8 --n 20 --config '{"v_lr": 2.0}'
-    python benchmarks/rome_sweep.py --method memit --mode batch --n 47 \\
+    python benchmarks/sweep.py --layers 2 3 4 6 8 --n 20 --config '{"v_lr": 2.0}'
+    python benchmarks/sweep.py --method memit --mode batch --n 47 \\
         --grid '[{"layers": [2, 3, 4], "mom2_update_weight": 1000}, {"layers": [3, 4, 5, 6]}]'
 
 Prints one row per setting: reliability / generalization / locality (token_em) and median

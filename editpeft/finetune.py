@@ -1,0 +1,269 @@
+"""Weight changes learned by gradient descent on the edit's own loss (FT-L, FT-M, LoRA edits).
+
+A fine-tuning edit trains a change of a few modules' weights, never the weights themselves: each
+change is a :class:`TrainableChange` (a dense ``ΔW`` for FT-L/FT-M, LoRA factors ``B A`` for a
+LoRA edit) whose contribution is added to its module's output by a hook while
+:func:`train_changes` runs the shared loop (:func:`editpeft.train.train_tensors`). The model is
+not modified, so a failed edit (NaN, interrupt) leaves it exactly as it was; the result is the
+:class:`~editpeft.deltas.DenseDelta` / :class:`~editpeft.deltas.LowRankDelta` that a
+:class:`~editpeft.adapters.WeightDeltaAdapter` stores and attaches.
+
+Two objectives (``-log p`` of the target, averaged over target tokens, then over requests):
+
+- ``"teacher_forced"``: target token j is scored given the prompt and target tokens < j
+  (FT-M; the standard autoregressive loss with the prompt masked out);
+- ``"last_position"``: every target token is scored from the one distribution that follows the
+  prompt, ``-1/|y| Σ_j log p(y_j | x)`` (FT-L as in ROME's baseline, Meng et al. 2022, App. B:
+  the loss "at the last token of the input"; exact for one-token targets).
+
+Example:
+    >>> changes = {"model.layers.20.mlp.down_proj": DenseChange.zeros(module)}          # doctest: +SKIP
+    >>> trained = train_changes(model, tok, requests, changes, "teacher_forced",
+    ...                         TrainConfig(steps=25, lr=5e-4, stop_loss=1e-2))            # doctest: +SKIP
+    >>> trained["model.layers.20.mlp.down_proj"]                                        # doctest: +SKIP
+    <editpeft.deltas.DenseDelta ...>
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from contextlib import ExitStack
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import WeightDeltaAdapter
+from .arch import linear_dims
+from .deltas import DenseDelta, LowRankDelta, WeightChange
+from .errors import ConfigError, EditError, EditOptimizationError
+from .method import EditMethod, MethodConfig
+from .probe import output_edit
+from .request import EditRequest
+from .tokens import TargetBatch, model_device, seeded_rng
+from .train import Constraint, TrainConfig, TrainResult, train_tensors
+
+OBJECTIVES = ("teacher_forced", "last_position")
+
+
+class TrainableChange(ABC):
+    """The trainable form of one module's weight change."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to train, by name (their start values)."""
+
+    @abstractmethod
+    def contribution(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """What the change adds to the module's output for input ``x`` (training mode)."""
+
+    @abstractmethod
+    def result(self, params: Mapping[str, torch.Tensor]) -> WeightChange:
+        """The stored delta made from trained tensors."""
+
+
+class DenseChange(TrainableChange):
+    """A full ``ΔW`` (out × in), applied as ``x @ ΔW.T`` (FT-L, FT-M)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    @classmethod
+    def zeros(cls, module: nn.Module) -> "DenseChange":
+        d_in, d_out = linear_dims(module)
+        w = next(module.parameters())
+        return cls(torch.zeros(d_out, d_in, dtype=w.dtype, device=w.device))
+
+    @classmethod
+    def resume(cls, delta: WeightChange, module: nn.Module) -> "DenseChange":
+        """Continue from an existing delta of ``module`` (e.g. an attached FT edit)."""
+        w = next(module.parameters())
+        weight = delta.weight if isinstance(delta, DenseDelta) else delta.up @ delta.down.T
+        return cls(weight.to(w.device, w.dtype).clone())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
+    def contribution(self, params, x):
+        return F.linear(x, params["weight"])
+
+    def result(self, params) -> DenseDelta:
+        return DenseDelta(params["weight"])
+
+
+class LoraChange(TrainableChange):
+    """LoRA factors (Hu et al. 2021, Eq. 3): ``h += (α/r) · B A x`` with ``A`` (r × in)
+    initialised as peft does (Kaiming-uniform, a = √5) and ``B`` (out × r) zero, so training starts
+    from the unedited model; dropout (peft's ``lora_dropout``) is applied to ``x`` before ``A``.
+    ``use_rslora`` scales by ``α/√r`` (Kalajdzievski 2023). Stored as
+    ``LowRankDelta(up = scale · B, down = Aᵀ)``: the same weight change, one multiply folded in."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float):
+        self.a, self.b, self.scale, self.dropout = a, b, float(scale), float(dropout)
+
+    @staticmethod
+    def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+        return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+    @classmethod
+    def fresh(cls, module: nn.Module, rank: int, scale: float, dropout: float) -> "LoraChange":
+        """New factors (``A`` drawn from torch's current RNG: seed it for a reproducible edit)."""
+        d_in, d_out = linear_dims(module)
+        w = next(module.parameters())
+        a = torch.empty(rank, d_in, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(d_in)     # kaiming_uniform_(a=√5) on a (rank, d_in) weight
+        a.uniform_(-bound, bound)
+        return cls(a.to(w.device, w.dtype), torch.zeros(d_out, rank, dtype=w.dtype, device=w.device), scale, dropout)
+
+    @classmethod
+    def resume(cls, delta: LowRankDelta, module: nn.Module, scale: float, dropout: float) -> "LoraChange":
+        """Continue training a stored LoRA delta (``up = scale · B``, ``down = Aᵀ``)."""
+        w = next(module.parameters())
+        return cls(delta.down.T.to(w.device, w.dtype).clone(), (delta.up / scale).to(w.device, w.dtype).clone(),
+                   scale, dropout)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"A": self.a, "B": self.b}
+
+    def contribution(self, params, x):
+        if self.dropout:
+            x = F.dropout(x, self.dropout, training=True)
+        return F.linear(F.linear(x, params["A"]), params["B"]) * self.scale
+
+    def result(self, params) -> LowRankDelta:
+        return LowRankDelta(params["B"] * self.scale, params["A"].T.contiguous())
+
+
+def training_pairs(requests: Sequence[EditRequest], paraphrases: bool) -> tuple[list[str], list[str]]:
+    """(prompts, targets) to train on: each request's prompt, and its paraphrases when asked."""
+    prompts, targets = [], []
+    for r in requests:
+        for p in (r.prompt, *(r.paraphrases if paraphrases else ())):
+            prompts.append(p)
+            targets.append(r.target_new)
+    return prompts, targets
+
+
+def edit_loss(logits: torch.Tensor, batch: TargetBatch, objective: str, first: int = 0) -> torch.Tensor:
+    """The mean target NLL of ``batch`` under ``objective`` (see the module docstring).
+    ``logits`` covers the positions from ``first`` on (see :func:`kept_logits`)."""
+    if objective == "teacher_forced":
+        kept = range(first, first + logits.shape[1]) if first else None
+        return batch.target_nll(logits, kept=kept)
+    rows = []
+    for i, ids in enumerate(batch.target_ids):
+        logp = F.log_softmax(logits[i, batch.last_prompt[i] - first].float(), dim=-1)
+        rows.append(-logp[torch.tensor(ids, device=logits.device)].mean())
+    return torch.stack(rows).mean()
+
+
+def kept_logits(model: nn.Module, batch: TargetBatch) -> tuple[dict, int]:
+    """Forward keyword arguments that skip the LM head where no target is predicted (causal
+    models accepting ``logits_to_keep``), and the first position whose logits are kept."""
+    if batch.is_seq2seq or "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}, 0
+    first = min(batch.last_prompt)
+    return {"logits_to_keep": batch.input_ids.shape[1] - first}, first
+
+
+def train_changes(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
+                  changes: Mapping[str, TrainableChange], objective: str, train: TrainConfig, *,
+                  paraphrases: bool = False, constraint: Constraint | None = None,
+                  seed: int = 0) -> tuple[dict[str, WeightChange], TrainResult]:
+    """Train ``changes`` (module name -> trainable change) so that ``model`` continues each
+    request's prompt with its target; returns the deltas and the loop's result.
+
+    All requests (and their paraphrases when ``paraphrases``) form one batch per step. Dropout
+    draws from a generator seeded by ``seed``, so the same call gives the same edit.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+    modules = {name: model.get_submodule(name) for name in changes}
+    prompts, targets = training_pairs(requests, paraphrases)
+    batch = TargetBatch.for_model(model, tokenizer, prompts, targets)
+    keep, first = kept_logits(model, batch)
+    keys = [(name, k) for name, c in changes.items() for k in c.tensors()]
+    start = {f"{name}:{k}": changes[name].tensors()[k] for name, k in keys}
+
+    def per_module(params: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        return {k: params[f"{name}:{k}"] for k in changes[name].tensors()}
+
+    def loss_fn(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with ExitStack() as stack:
+            for name, change in changes.items():
+                mine = per_module(params, name)
+                stack.enter_context(output_edit(
+                    modules[name], lambda x, out, c=change, p=mine: out + c.contribution(p, x)))
+            logits = model(**batch.model_inputs(), **keep).logits
+        return {"target": edit_loss(logits, batch, objective, first)}
+
+    with seeded_rng(seed, model_device(model)):
+        result = train_tensors(start, loss_fn, train, constraint=constraint)
+    first_loss, last_loss = result.history[0], result.history[-1]
+    if not result.stopped_early and last_loss > first_loss:
+        # normalised models do not overflow to NaN: a too-large step saturates them instead
+        raise EditOptimizationError(
+            f"{train.desc}: the target loss rose from {first_loss:.4g} to {last_loss:.4g} in {result.steps} steps "
+            "(training diverged); the model was left unchanged. Lower the learning rate (lr).")
+    deltas = {name: change.result(per_module(result.params, name)) for name, change in changes.items()}
+    return deltas, result
+
+
+class FineTuneMethod(EditMethod):
+    """Shared ``compute``/``extend`` of the fine-tuning methods: subclasses say which modules
+    change and how (:meth:`changes`), the objective, and the training settings.
+
+    Appending (``add_edit(..., append=True)``) continues training the *same* tensors from where
+    the adapter left them. With ``config.replay`` (the default) the adapter's earlier requests,
+    which it stores, are trained again together with the new ones, so they are kept by the loss
+    itself; without it only the new requests are trained and the earlier ones are kept only as far
+    as the change does not overwrite them.
+    """
+
+    kind = "weight_delta"
+    topologies = ("causal", "seq2seq")
+
+    @abstractmethod
+    def changes(self, model, config: MethodConfig,
+                existing: Mapping[str, WeightChange] | None = None) -> dict[str, TrainableChange]:
+        """Module name -> trainable change; continue from ``existing`` deltas when given."""
+
+    def objective(self, config: MethodConfig) -> str:
+        return "teacher_forced"
+
+    def train_config(self, config: MethodConfig) -> TrainConfig:
+        return TrainConfig(steps=config.steps, lr=config.lr, stop_loss=config.stop_loss,
+                           weight_decay=getattr(config, "weight_decay", 0.0), desc=self.name)
+
+    def constraint(self, config: MethodConfig) -> Constraint | None:
+        return None
+
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MethodConfig) -> WeightDeltaAdapter:
+        deltas = self._train(model, tokenizer, list(requests), self.changes(model, config), config)
+        return WeightDeltaAdapter(deltas, method=self.name, hparams=config.to_dict(), requests=list(requests))
+
+    def extend(self, adapter: WeightDeltaAdapter, model, tokenizer, requests: Sequence[EditRequest],
+               config: MethodConfig) -> WeightDeltaAdapter:
+        if adapter.merged:
+            raise EditError(f"edit {adapter.name!r} is merged into the weights; call unmerge() on it before "
+                            "appending requests")
+        changes = self.changes(model, config, existing=adapter.deltas)
+        trained_on = adapter.requests + list(requests) if config.replay else list(requests)
+        # The attached adapter is switched off while its successor trains from its tensors, so
+        # the change is not counted twice.
+        was_active, adapter.active = adapter.active, False
+        try:
+            deltas = self._train(model, tokenizer, trained_on, changes, config)
+        finally:
+            adapter.active = was_active
+        return WeightDeltaAdapter(deltas, method=self.name, hparams=config.to_dict(),
+                                  requests=adapter.requests + list(requests))
+
+    def _train(self, model, tokenizer, requests: list[EditRequest], changes: Mapping[str, TrainableChange],
+               config: MethodConfig) -> dict[str, WeightChange]:
+        deltas, _ = train_changes(model, tokenizer, requests, changes, self.objective(config),
+                                  self.train_config(config), paraphrases=config.train_on_paraphrases,
+                                  constraint=self.constraint(config), seed=config.seed)
+        return deltas

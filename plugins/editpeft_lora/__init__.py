@@ -1,0 +1,144 @@
+"""LoRA edits — a peft LoRA trained on the edit request, stored and exported as one.
+
+Hu, Shen, Wallis, Allen-Zhu, Li, Wang, Wang, Chen. "LoRA: Low-Rank Adaptation of Large Language
+Models", ICLR 2022 (arXiv:2106.09685). Every target module's weight W₀ gets a trainable change
+(§4.1, Eq. 3):
+
+    h = W₀ x + ΔW x = W₀ x + (α / r) · B A x,    A ∈ R^{r×d_in} (Kaiming-uniform),  B ∈ R^{d_out×r} (zero)
+
+so training starts from the unedited model. ``rank`` (r), ``alpha`` (α), ``target_modules``,
+``layers`` (peft's ``layers_to_transform``), ``dropout`` (peft's ``lora_dropout``, on x before A)
+and ``use_rslora`` (α/√r) mean what they mean in ``peft.LoraConfig``; target modules are matched
+as peft matches them (a module's name equals the key or ends with ``.<key>``), inside the blocks
+of the model's stacks. The loss is the teacher-forced NLL of the target tokens given the prompt
+(prompt positions masked), over the request's prompt and, when the request carries them, its
+paraphrases; Adam with early stop below ``stop_loss``.
+
+The adapter stores each module's change as ``LowRankDelta(up = (α/r) B, down = Aᵀ)``: it attaches
+by a hook like every weight delta, stacks with ROME/GRACE edits on the same modules in either
+order, and ``to_peft_lora`` writes it as a plain peft LoRA folder (``lora_B = (α/r) B``,
+``lora_A = A``, scaling 1) — the same weights, no truncation. Append continues training the same
+A and B (replaying the adapter's earlier requests by default, see
+:class:`editpeft.finetune.FineTuneMethod`).
+
+AdaLoRA (Zhang et al. 2023) is not offered: its point is *allocating* a rank budget between many
+modules from importance scores smoothed over thousands of steps (a warm-up ``tinit``, a pruning
+schedule to ``tfinal``, ``update_and_allocate`` after every step) plus an orthogonality penalty on
+its P Λ Q factors. An edit trains a few tensors for tens of steps: the schedule would have nothing
+to allocate, and supporting it means a second parametrisation, a second loss and a per-step
+callback in the shared loop — the special cases the issue asked to avoid.
+
+Example:
+    >>> model.add_edit("lora", EditRequest(prompt="The Eiffel Tower is located in the city of",
+    ...                target_new="Rome"), config={"rank": 4})                       # doctest: +SKIP
+    >>> model.edits["lora-1"].to_peft_lora("eiffel-lora")                            # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from editpeft.arch import get_arch, is_conv1d
+from editpeft.deltas import LowRankDelta, WeightChange
+from editpeft.errors import ConfigError
+from editpeft.finetune import FineTuneMethod, LoraChange
+from editpeft.method import MethodConfig, check
+from editpeft.tokens import model_device, seeded_rng
+from torch import nn
+
+
+@dataclass
+class LoraEditConfig(MethodConfig):
+    rank: int = field(default=8, metadata={"help": "r: rank of each LoRA change"})
+    alpha: float = field(default=32.0, metadata={"help": "α: the change is scaled by α/r"})
+    dropout: float = field(default=0.1, metadata={"help": "peft's lora_dropout, on the input of A"})
+    target_modules: list | None = field(default=None, metadata={
+        "help": "module names (as in peft: a name or its last part), e.g. [q_proj, v_proj]; "
+                "null: the FFN output projection"})
+    layers: list | None = field(default=None, metadata={"help": "blocks to adapt (null: all)"})
+    stack: str | None = field(default=None, metadata={"help": "T5: encoder/decoder (null: the decoder for the "
+                                                              "FFN default, every stack for named modules)"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale by α/√r instead of α/r"})
+    steps: int = field(default=70, metadata={"help": "Adam steps at most"})
+    lr: float = field(default=5e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
+    stop_loss: float | None = field(default=1e-2, metadata={"help": "stop once the target loss is below this"})
+    train_on_paraphrases: bool = field(default=True, metadata={"help": "also train on the requests' paraphrases"})
+    replay: bool = field(default=True, metadata={"help": "append: train the adapter's earlier requests again"})
+    seed: int = field(default=0, metadata={"help": "seed of A's initialisation and of dropout"})
+
+    layer_fields = ("layers",)
+
+    def validate(self) -> None:
+        check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
+              f"rank must be an int >= 1, got {self.rank!r}")
+        check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.target_modules is None or (isinstance(self.target_modules, list) and self.target_modules
+                                              and all(isinstance(m, str) and m for m in self.target_modules)),
+              f"target_modules must be null or a non-empty list of module names, got {self.target_modules!r}")
+        check(self.layers is None or (isinstance(self.layers, list) and self.layers and all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.layers)),
+            f"layers must be null or a non-empty list of block indices, got {self.layers!r}")
+        check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.stop_loss is None or self.stop_loss > 0, f"stop_loss must be > 0 or null, got {self.stop_loss}")
+
+    @property
+    def scale(self) -> float:
+        return LoraChange.scaling(self.rank, self.alpha, self.use_rslora)
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def lora_targets(model, config: LoraEditConfig) -> list[str]:
+    """The modules a LoRA edit adapts, by full name; a key that matches nothing is refused with
+    the module names this family does have."""
+    arch = get_arch(model)
+    if config.target_modules is None:
+        layers = config.layers if config.layers is not None else range(arch.num_blocks(config.stack))
+        return [arch.mlp_out_name(layer, config.stack) for layer in layers]
+    stacks = [config.stack] if config.stack is not None else list(arch.stacks)
+    found: dict[str, list[str]] = {key: [] for key in config.target_modules}
+    available: set[str] = set()
+    for stack in stacks:
+        layers = config.layers if config.layers is not None else range(arch.num_blocks(stack))
+        for layer in layers:
+            block_name = arch.layer_name(layer, stack)
+            for rel, module in arch.module(block_name).named_modules():
+                if not rel or not _is_projection(module):
+                    continue
+                available.add(rel.split(".")[-1])
+                for key in config.target_modules:
+                    if rel == key or rel.endswith("." + key):
+                        found[key].append(f"{block_name}.{rel}")
+    missing = [k for k, names in found.items() if not names]
+    if missing:
+        raise ConfigError(f"target_modules {missing} match no Linear module in the blocks of this "
+                          f"{arch.model_type} model; its block modules are: {', '.join(sorted(available))}")
+    return list(dict.fromkeys(name for names in found.values() for name in names))
+
+
+class LoraEdit(FineTuneMethod):
+    name = "lora"
+    Config = LoraEditConfig
+
+    def changes(self, model, config: LoraEditConfig,
+                existing: Mapping[str, WeightChange] | None = None) -> dict:
+        existing = existing or {}
+        names = list(existing) + [n for n in lora_targets(model, config) if n not in existing]
+        out = {}
+        with seeded_rng(config.seed, model_device(model)):
+            for n in names:
+                module = model.get_submodule(n)
+                delta = existing.get(n)
+                if delta is None:
+                    out[n] = LoraChange.fresh(module, config.rank, config.scale, config.dropout)
+                elif isinstance(delta, LowRankDelta):
+                    out[n] = LoraChange.resume(delta, module, config.scale, config.dropout)
+                else:
+                    raise ConfigError(f"the adapter's change of {n!r} is not a LoRA (low-rank) delta")
+        return out
