@@ -11,6 +11,7 @@ Results go to runs/cards/<setting>/<method>/ and runs/cards/report.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import re
 import sys
@@ -21,20 +22,31 @@ from common import COUNTERFACT, DATA, editable_default_model
 
 import editpeft
 from editpeft.cards import card_path
-from editpeft.evaluation import evaluate, write_report
+from editpeft.evaluation import EvalCase, evaluate, load_cases, write_report
 
 ZSRE = DATA / "portability" / "zsre_one_hop.json"
 SETTINGS = {
     "cf-single": dict(data=COUNTERFACT, known_only=True, n=None, mode="single"),
     "cf-batch": dict(data=COUNTERFACT, known_only=True, n=None, mode="batch", batch_size=100),
+    # the reference toolkit's protocol: the first paraphrase and the first neighbourhood prompt only
+    "cf-single-first": dict(data=COUNTERFACT, known_only=True, n=None, mode="single", first_probes=True),
     "cf-sequential": dict(data=COUNTERFACT, known_only=True, n=None, mode="sequential", checkpoints=[1, 10, 50, 100]),
     # the issue's scale: facts the model need not know (only 47 of 1129 CounterFact facts are known to a 135M model)
     "cf-batch100": dict(data=COUNTERFACT, known_only=False, n=100, mode="batch", batch_size=100),
+    # 100 edits appended in batches of 10, every edit so far scored after each batch
+    "cf-seq100": dict(data=COUNTERFACT, known_only=False, n=100, mode="sequential", batch_size=10,
+                      checkpoints=list(range(10, 101, 10))),
     "cf-seq500": dict(data=COUNTERFACT, known_only=False, n=500, mode="sequential", batch_size=50,
                       checkpoints=[50, 100, 150, 200, 250, 300, 350, 400, 450, 500]),
     "zsre-single": dict(data=ZSRE, known_only=False, n=200, mode="single"),
     "zsre-sequential": dict(data=ZSRE, known_only=False, n=100, mode="sequential", checkpoints=[1, 10, 50, 100]),
 }
+def first_probes(cases: list[EvalCase]) -> list[EvalCase]:
+    """The cases with only their first generalization probe and first probe of each locality kind."""
+    return [dataclasses.replace(c, generalization=c.generalization[:1],
+                                locality={k: v[:1] for k, v in c.locality.items()}) for c in cases]
+
+
 KEEP = ("reliability", "generalization", "locality", "locality_answer", "portability")
 
 
@@ -83,7 +95,10 @@ def main() -> None:
         if args.n is not None:
             s["n"], folder = args.n, out / f"{name}-n{args.n}"
         folders.append(folder)
-        summaries = evaluate(model, tok, methods, s.pop("data"), out=folder, **s)
+        data = s.pop("data")
+        if s.pop("first_probes", False):
+            data = first_probes(load_cases(data))
+        summaries = evaluate(model, tok, methods, data, out=folder, **s)
         for method, summary in summaries.items():
             results[method][name] = _compact(summary)
     write_report(folders, out)

@@ -39,6 +39,7 @@ from .adapters import WeightDeltaAdapter
 from .arch import linear_dims
 from .deltas import DenseDelta, LowRankDelta, WeightChange
 from .errors import ConfigError, EditError, EditOptimizationError
+from .locate import context_templates
 from .method import EditMethod, MethodConfig
 from .probe import output_edit
 from .request import EditRequest
@@ -136,13 +137,16 @@ class LoraChange(TrainableChange):
         return LowRankDelta(params["B"] * self.scale, params["A"].T.contiguous())
 
 
-def training_pairs(requests: Sequence[EditRequest], paraphrases: bool) -> tuple[list[str], list[str]]:
-    """(prompts, targets) to train on: each request's prompt, and its paraphrases when asked."""
+def training_pairs(requests: Sequence[EditRequest], paraphrases: bool,
+                   templates: Sequence[str] = ("{}",)) -> tuple[list[str], list[str]]:
+    """(prompts, targets) to train on: each request's prompt, and its paraphrases when asked,
+    placed in every ``"...{}"`` template (context prefixes, :func:`editpeft.locate.context_templates`)."""
     prompts, targets = [], []
     for r in requests:
         for p in (r.prompt, *(r.paraphrases if paraphrases else ())):
-            prompts.append(p)
-            targets.append(r.target_new)
+            for t in templates:
+                prompts.append(t.replace("{}", p, 1))
+                targets.append(r.target_new)
     return prompts, targets
 
 
@@ -170,18 +174,19 @@ def kept_logits(model: nn.Module, batch: TargetBatch) -> tuple[dict, int]:
 
 def train_changes(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
                   changes: Mapping[str, TrainableChange], objective: str, train: TrainConfig, *,
-                  paraphrases: bool = False, constraint: Constraint | None = None,
-                  seed: int = 0) -> tuple[dict[str, WeightChange], TrainResult]:
+                  paraphrases: bool = False, templates: Sequence[str] = ("{}",),
+                  constraint: Constraint | None = None, seed: int = 0) -> tuple[dict[str, WeightChange], TrainResult]:
     """Train ``changes`` (module name -> trainable change) so that ``model`` continues each
     request's prompt with its target; returns the deltas and the loop's result.
 
-    All requests (and their paraphrases when ``paraphrases``) form one batch per step. Dropout
+    All requests (and their paraphrases when ``paraphrases``), in every template, form one batch
+    per step. Dropout
     draws from a generator seeded by ``seed``, so the same call gives the same edit.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
     modules = {name: model.get_submodule(name) for name in changes}
-    prompts, targets = training_pairs(requests, paraphrases)
+    prompts, targets = training_pairs(requests, paraphrases, templates)
     batch = TargetBatch.for_model(model, tokenizer, prompts, targets)
     keep, first = kept_logits(model, batch)
     keys = [(name, k) for name, c in changes.items() for k in c.tensors()]
@@ -263,7 +268,9 @@ class FineTuneMethod(EditMethod):
 
     def _train(self, model, tokenizer, requests: list[EditRequest], changes: Mapping[str, TrainableChange],
                config: MethodConfig) -> dict[str, WeightChange]:
+        templates = context_templates(model, tokenizer, config.context_lengths, seed=config.seed) \
+            if config.context_lengths else ("{}",)
         deltas, _ = train_changes(model, tokenizer, requests, changes, self.objective(config),
                                   self.train_config(config), paraphrases=config.train_on_paraphrases,
-                                  constraint=self.constraint(config), seed=config.seed)
+                                  templates=templates, constraint=self.constraint(config), seed=config.seed)
         return deltas

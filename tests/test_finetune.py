@@ -127,6 +127,10 @@ def test_lora_trains_on_paraphrases_the_request_carries(tiny, monkeypatch):
     model.add_edit("ft-m", r, config=TINY_CONFIGS["ft-m"])
     assert [r.prompt, "Where is the Eiffel Tower? In"] in batches      # LoRA: prompt and paraphrase
     assert [r.prompt] in batches                                         # FT-M: the prompt only (default)
+    batches.clear()
+    model.add_edit("ft-m", r, config={**TINY_CONFIGS["ft-m"], "context_lengths": [[3, 2]]})
+    prompts = next(b for b in batches if len(b) == 3)                   # the prompt + 2 sampled prefixes
+    assert prompts[0] == r.prompt and all(p.endswith(". " + r.prompt) for p in prompts[1:])
 
 
 # -- bad input: clear errors, model untouched ---------------------------------------------------

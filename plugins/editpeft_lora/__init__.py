@@ -63,6 +63,8 @@ class LoraEditConfig(MethodConfig):
     lr: float = field(default=5e-3, metadata={"help": "Adam learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
     stop_loss: float | None = field(default=1e-2, metadata={"help": "stop once the target loss is below this"})
+    context_lengths: list = field(default_factory=list, metadata={
+        "help": "[[tokens, count], ...]: also train behind sampled context prefixes (none by default)"})
     train_on_paraphrases: bool = field(default=True, metadata={"help": "also train on the requests' paraphrases"})
     replay: bool = field(default=True, metadata={"help": "append: train the adapter's earlier requests again"})
     seed: int = field(default=0, metadata={"help": "seed of A's initialisation and of dropout"})
@@ -80,6 +82,9 @@ class LoraEditConfig(MethodConfig):
         check(self.layers is None or (isinstance(self.layers, list) and self.layers and all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.layers)),
             f"layers must be null or a non-empty list of block indices, got {self.layers!r}")
+        check(isinstance(self.context_lengths, list) and all(
+            isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, int) and v >= 1 for v in x)
+            for x in self.context_lengths), f"context_lengths must be [[tokens, count], ...], got {self.context_lengths!r}")
         check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -1,0 +1,74 @@
+"""Score-versus-edits curves of sequential runs, with points recorded in other methods' cards.
+
+    python benchmarks/plot_sequential.py runs/cards/cf-seq100 --card alphaedit \\
+        --out ../docs/results/sequential_cf100_batches10.png
+
+Curves come from the harness's run folders (``<folder>/<method>/`` of ``eval_cards.py``
+sequential settings); ``--card M`` adds the points in the ``sequential:`` block of M's card
+(``{metric: [score at each checkpoint]}`` with the checkpoints named by ``checkpoints``), drawn
+dashed since they come from another run. Prints the table it plots.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+import yaml
+
+from editpeft.cards import card_path
+from editpeft.evaluation.report import combine
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = ("reliability", "generalization", "locality")
+
+
+def run_curves(folder: Path) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    out = {}
+    for method, summary in combine(sorted(p for p in folder.iterdir() if p.is_dir())).items():
+        out[method] = [(p["edits"], {m: p["metrics"][m]["token_em"]["mean"] for m in METRICS if m in p["metrics"]})
+                       for p in summary.get("curve") or []]
+    return out
+
+
+def card_points(method: str, model_type: str) -> list[tuple[int, dict[str, float]]]:
+    block = (yaml.safe_load(Path(card_path(method, model_type)).read_text()) or {}).get("sequential") or {}
+    scores, checkpoints = block.get(method) or {}, block.get("checkpoints") or []
+    return [(n, {m: scores[m][i] for m in METRICS if m in scores}) for i, n in enumerate(checkpoints)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--card", nargs="*", default=[], help="methods whose card's sequential points are added")
+    ap.add_argument("--model-type", default="llama")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    curves = {}
+    for folder in args.folders:
+        curves.update(run_curves(folder))
+    dashed = {f"{m} (card)": card_points(m, args.model_type) for m in args.card}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, metric in zip(axes, METRICS):
+        for label, points in [*curves.items(), *dashed.items()]:
+            xs = [n for n, s in points if metric in s]
+            ax.plot(xs, [s[metric] for n, s in points if metric in s], marker="o", label=label,
+                    linestyle="--" if label in dashed else "-")
+        ax.set_xlabel("edits so far")
+        ax.set_title(f"{metric} (token_em)")
+        ax.set_ylim(0, 1.05)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=100)
+    print("| method | edits | " + " | ".join(METRICS) + " |\n|---|---|---|---|---|")
+    for label, points in [*curves.items(), *dashed.items()]:
+        for n, s in points:
+            print(f"| {label} | {n} | " + " | ".join(f"{s.get(m, float('nan')):.3f}" for m in METRICS) + " |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
