@@ -29,6 +29,7 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -40,7 +41,7 @@ from .arch import linear_dims
 from .deltas import DenseDelta, LowRankDelta, WeightChange
 from .errors import ConfigError, EditError, EditOptimizationError
 from .locate import context_templates
-from .method import EditMethod, MethodConfig
+from .method import EditMethod, MethodConfig, check
 from .probe import output_edit
 from .request import EditRequest
 from .tokens import TargetBatch, model_device, seeded_rng
@@ -180,8 +181,9 @@ def train_changes(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
     request's prompt with its target; returns the deltas and the loop's result.
 
     All requests (and their paraphrases when ``paraphrases``), in every template, form one batch
-    per step. Dropout
-    draws from a generator seeded by ``seed``, so the same call gives the same edit.
+    per step. Dropout draws from torch's RNG seeded by ``seed`` (in a fork: the caller's RNG is
+    untouched), so the same call gives the same edit. A loss that ends above where it started
+    (a step so large that a normalised model saturates instead of overflowing) is an error.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
@@ -216,6 +218,31 @@ def train_changes(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
     return deltas, result
 
 
+@dataclass
+class FineTuneConfig(MethodConfig):
+    """Training fields every fine-tuning method shares (subclasses add what is tuned and may
+    change the defaults by redeclaring a field)."""
+
+    steps: int = field(default=25, metadata={"help": "Adam steps at most"})
+    lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
+    stop_loss: float | None = field(default=1e-2, metadata={"help": "stop once the target loss is below this"})
+    context_lengths: list = field(default_factory=list, metadata={
+        "help": "[[tokens, count], ...]: also train behind sampled context prefixes (none by default)"})
+    train_on_paraphrases: bool = field(default=False, metadata={"help": "also train on the requests' paraphrases"})
+    replay: bool = field(default=True, metadata={"help": "append: train the adapter's earlier requests again"})
+    seed: int = field(default=0, metadata={"help": "seed of the training loop (initialisation, dropout, prefixes)"})
+
+    def validate(self) -> None:
+        check(isinstance(self.context_lengths, list) and all(
+            isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, int) and v >= 1 for v in x)
+            for x in self.context_lengths), f"context_lengths must be [[tokens, count], ...], got {self.context_lengths!r}")
+        check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.stop_loss is None or self.stop_loss > 0, f"stop_loss must be > 0 or null, got {self.stop_loss}")
+
+
 class FineTuneMethod(EditMethod):
     """Shared ``compute``/``extend`` of the fine-tuning methods: subclasses say which modules
     change and how (:meth:`changes`), the objective, and the training settings.
@@ -231,26 +258,26 @@ class FineTuneMethod(EditMethod):
     topologies = ("causal", "seq2seq")
 
     @abstractmethod
-    def changes(self, model, config: MethodConfig,
+    def changes(self, model, config: FineTuneConfig,
                 existing: Mapping[str, WeightChange] | None = None) -> dict[str, TrainableChange]:
         """Module name -> trainable change; continue from ``existing`` deltas when given."""
 
-    def objective(self, config: MethodConfig) -> str:
+    def objective(self, config: FineTuneConfig) -> str:
         return "teacher_forced"
 
-    def train_config(self, config: MethodConfig) -> TrainConfig:
+    def train_config(self, config: FineTuneConfig) -> TrainConfig:
         return TrainConfig(steps=config.steps, lr=config.lr, stop_loss=config.stop_loss,
-                           weight_decay=getattr(config, "weight_decay", 0.0), desc=self.name)
+                           weight_decay=config.weight_decay, desc=self.name)
 
-    def constraint(self, config: MethodConfig) -> Constraint | None:
+    def constraint(self, config: FineTuneConfig) -> Constraint | None:
         return None
 
-    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MethodConfig) -> WeightDeltaAdapter:
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: FineTuneConfig) -> WeightDeltaAdapter:
         deltas = self._train(model, tokenizer, list(requests), self.changes(model, config), config)
         return WeightDeltaAdapter(deltas, method=self.name, hparams=config.to_dict(), requests=list(requests))
 
     def extend(self, adapter: WeightDeltaAdapter, model, tokenizer, requests: Sequence[EditRequest],
-               config: MethodConfig) -> WeightDeltaAdapter:
+               config: FineTuneConfig) -> WeightDeltaAdapter:
         if adapter.merged:
             raise EditError(f"edit {adapter.name!r} is merged into the weights; call unmerge() on it before "
                             "appending requests")
@@ -267,7 +294,7 @@ class FineTuneMethod(EditMethod):
                                   requests=adapter.requests + list(requests))
 
     def _train(self, model, tokenizer, requests: list[EditRequest], changes: Mapping[str, TrainableChange],
-               config: MethodConfig) -> dict[str, WeightChange]:
+               config: FineTuneConfig) -> dict[str, WeightChange]:
         templates = context_templates(model, tokenizer, config.context_lengths, seed=config.seed) \
             if config.context_lengths else ("{}",)
         deltas, _ = train_changes(model, tokenizer, requests, changes, self.objective(config),

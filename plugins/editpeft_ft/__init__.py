@@ -11,7 +11,10 @@ solved by projected gradient descent: after every Adam step each weight's change
 EasyEdit, θ is the output projection of the FFN of each layer in ``layers`` (``down_proj``,
 ``c_proj``, ``fc_out``, ``wo``...) and L is the negative log-likelihood of the target tokens read
 off the distribution *after the prompt's last token*: ``-1/|y| Σ_j log p(y_j | x)``, exact for
-one-token targets, a bag-of-tokens surrogate for longer ones.
+one-token targets, a bag-of-tokens surrogate for longer ones (so the second token of a
+multi-token target is never trained: teacher-forced reliability is capped below 1 on such
+targets). ``objective: teacher_forced`` trains the target tokens given the prompt and the
+preceding target tokens instead — the paper's loss on the fact read as a causal LM's.
 
 **FT-M** (the "masked" fine-tuning baseline of Zhang et al. 2024, "A Comprehensive Study of
 Knowledge Editing for Large Language Models", arXiv:2401.01286, §4.1). Same layers, same Adam
@@ -42,47 +45,39 @@ from typing import Mapping
 
 from editpeft.arch import get_arch
 from editpeft.deltas import WeightChange
-from editpeft.finetune import DenseChange, FineTuneMethod
-from editpeft.method import MethodConfig, check
+from editpeft.finetune import OBJECTIVES, DenseChange, FineTuneConfig, FineTuneMethod
+from editpeft.method import check
 from editpeft.train import Constraint
 
 
 @dataclass
-class FineTuneConfig(MethodConfig):
+class FFNTuneConfig(FineTuneConfig):
     layers: list = field(default_factory=lambda: [21], metadata={"help": "blocks whose FFN output projection is tuned"})
     stack: str | None = field(default=None, metadata={"help": "stack of the layers (T5: encoder/decoder; default decoder)"})
-    steps: int = field(default=25, metadata={"help": "Adam steps at most"})
-    lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
-    stop_loss: float | None = field(default=1e-2, metadata={"help": "stop once the target loss is below this"})
     norm_constraint: float | None = field(default=None, metadata={"help": "δ: L∞ bound on each weight's change (null: none)"})
-    context_lengths: list = field(default_factory=list, metadata={
-        "help": "[[tokens, count], ...]: also train behind sampled context prefixes (none by default)"})
-    train_on_paraphrases: bool = field(default=False, metadata={"help": "also train on the requests' paraphrases"})
-    replay: bool = field(default=True, metadata={"help": "append: train the adapter's earlier requests again"})
-    seed: int = field(default=0, metadata={"help": "seed of the training loop"})
 
     layer_fields = ("layers",)
 
     def validate(self) -> None:
+        super().validate()
         check(isinstance(self.layers, list) and self.layers and all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.layers),
             f"layers must be a non-empty list of block indices, got {self.layers!r}")
-        check(isinstance(self.context_lengths, list) and all(
-            isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, int) and v >= 1 for v in x)
-            for x in self.context_lengths), f"context_lengths must be [[tokens, count], ...], got {self.context_lengths!r}")
-        check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(self.stop_loss is None or self.stop_loss > 0, f"stop_loss must be > 0 or null, got {self.stop_loss}")
         check(self.norm_constraint is None or self.norm_constraint > 0,
               f"norm_constraint must be > 0 (the L∞ bound δ on each weight's change) or null for no bound; "
               f"got {self.norm_constraint}")
 
 
 @dataclass
-class FTLConfig(FineTuneConfig):
+class FTLConfig(FFNTuneConfig):
     norm_constraint: float | None = field(default=5e-4, metadata={"help": "δ: L∞ bound on each weight's change (null: none)"})
+    objective: str = field(default="last_position", metadata={
+        "help": "last_position (every target token from the distribution after the prompt, ROME's and "
+                "EasyEdit's FT-L) or teacher_forced (each target token after the preceding ones)"})
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
 
 def clip_linf(bound: float) -> Constraint:
@@ -97,7 +92,7 @@ def clip_linf(bound: float) -> Constraint:
 class FineTuneFFN(FineTuneMethod):
     """Dense fine-tuning of FFN output projections (FT-L and FT-M share everything but the loss)."""
 
-    def changes(self, model, config: FineTuneConfig,
+    def changes(self, model, config: FFNTuneConfig,
                 existing: Mapping[str, WeightChange] | None = None) -> dict:
         arch = get_arch(model)
         existing = existing or {}
@@ -106,7 +101,7 @@ class FineTuneFFN(FineTuneMethod):
         return {n: DenseChange.resume(existing[n], model.get_submodule(n)) if n in existing
                 else DenseChange.zeros(model.get_submodule(n)) for n in names}
 
-    def constraint(self, config: FineTuneConfig) -> Constraint | None:
+    def constraint(self, config: FFNTuneConfig) -> Constraint | None:
         return clip_linf(config.norm_constraint) if config.norm_constraint is not None else None
 
 
@@ -114,13 +109,13 @@ class FTL(FineTuneFFN):
     name = "ft-l"
     Config = FTLConfig
 
-    def objective(self, config) -> str:
-        return "last_position"
+    def objective(self, config: FTLConfig) -> str:
+        return config.objective
 
 
 class FTM(FineTuneFFN):
     name = "ft-m"
-    Config = FineTuneConfig
+    Config = FFNTuneConfig
 
     def objective(self, config) -> str:
         return "teacher_forced"

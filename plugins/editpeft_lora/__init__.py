@@ -41,14 +41,14 @@ from typing import Mapping
 from editpeft.arch import get_arch, is_conv1d
 from editpeft.deltas import LowRankDelta, WeightChange
 from editpeft.errors import ConfigError
-from editpeft.finetune import FineTuneMethod, LoraChange
-from editpeft.method import MethodConfig, check
+from editpeft.finetune import FineTuneConfig, FineTuneMethod, LoraChange
+from editpeft.method import check
 from editpeft.tokens import model_device, seeded_rng
 from torch import nn
 
 
 @dataclass
-class LoraEditConfig(MethodConfig):
+class LoraEditConfig(FineTuneConfig):
     rank: int = field(default=8, metadata={"help": "r: rank of each LoRA change"})
     alpha: float = field(default=32.0, metadata={"help": "α: the change is scaled by α/r"})
     dropout: float = field(default=0.1, metadata={"help": "peft's lora_dropout, on the input of A"})
@@ -61,17 +61,12 @@ class LoraEditConfig(MethodConfig):
     use_rslora: bool = field(default=False, metadata={"help": "scale by α/√r instead of α/r"})
     steps: int = field(default=70, metadata={"help": "Adam steps at most"})
     lr: float = field(default=5e-3, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
-    stop_loss: float | None = field(default=1e-2, metadata={"help": "stop once the target loss is below this"})
-    context_lengths: list = field(default_factory=list, metadata={
-        "help": "[[tokens, count], ...]: also train behind sampled context prefixes (none by default)"})
     train_on_paraphrases: bool = field(default=True, metadata={"help": "also train on the requests' paraphrases"})
-    replay: bool = field(default=True, metadata={"help": "append: train the adapter's earlier requests again"})
-    seed: int = field(default=0, metadata={"help": "seed of A's initialisation and of dropout"})
 
     layer_fields = ("layers",)
 
     def validate(self) -> None:
+        super().validate()
         check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
               f"rank must be an int >= 1, got {self.rank!r}")
         check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
@@ -82,13 +77,6 @@ class LoraEditConfig(MethodConfig):
         check(self.layers is None or (isinstance(self.layers, list) and self.layers and all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.layers)),
             f"layers must be null or a non-empty list of block indices, got {self.layers!r}")
-        check(isinstance(self.context_lengths, list) and all(
-            isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, int) and v >= 1 for v in x)
-            for x in self.context_lengths), f"context_lengths must be [[tokens, count], ...], got {self.context_lengths!r}")
-        check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps!r}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(self.stop_loss is None or self.stop_loss > 0, f"stop_loss must be > 0 or null, got {self.stop_loss}")
 
     @property
     def scale(self) -> float:
