@@ -28,7 +28,7 @@ METRICS = ("reliability", "generalization", "locality")
 def run_curves(folder: Path) -> dict[str, list[tuple[int, dict[str, float]]]]:
     out = {}
     for method, summary in combine(sorted(p for p in folder.iterdir() if p.is_dir())).items():
-        out[method] = [(p["edits"], {m: p["metrics"][m]["token_em"]["mean"] for m in METRICS if m in p["metrics"]})
+        out[method.split(" (")[0]] = [(p["edits"], {m: p["metrics"][m]["token_em"]["mean"] for m in METRICS if m in p["metrics"]})
                        for p in summary.get("curve") or []]
     return out
 
