@@ -137,6 +137,19 @@ def test_other_settings_on_an_existing_run_are_refused(tiny, tmp_path):
     evaluate(model, tok, "grace", _cases()[:3], out=tmp_path, config=GRACE, progress=False, overwrite=True)
 
 
+def test_a_changed_card_does_not_resume_the_old_run(tiny, tmp_path, monkeypatch):
+    """Runs without an explicit config take the card's hparams: editing the card between two runs
+    must not silently reuse the first run's scores."""
+    model, tok = tiny
+    impl = editpeft.registry.get_method("grace")
+    card = dict(GRACE["grace"])
+    monkeypatch.setattr(type(impl), "resolve_config", lambda self, m, c: impl.Config.from_dict(card))
+    evaluate(model, tok, "grace", _cases()[:2], out=tmp_path, progress=False)
+    card["steps"] += 1
+    with pytest.raises(editpeft.EditError, match="other settings"):
+        evaluate(model, tok, "grace", _cases()[:2], out=tmp_path, progress=False)
+
+
 def test_shards_merge_into_the_unsharded_summary(tiny, tmp_path):
     model, tok = tiny
     whole = evaluate(model, tok, "grace", _cases(), out=tmp_path / "whole", config=GRACE, progress=False)["grace"]

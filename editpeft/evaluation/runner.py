@@ -117,9 +117,11 @@ def peak_memory_mb(device: torch.device | None = None) -> float | None:
 class _RunDir:
     """The on-disk record of one method's run: settings, appended case lines, resume state."""
 
-    def __init__(self, path: Path, settings: dict[str, Any], case_ids: list[str], overwrite: bool):
+    def __init__(self, path: Path, settings: dict[str, Any], case_ids: list[str], overwrite: bool,
+                 hparams: dict[str, Any] | None = None):
         self.path = path
-        meta = {"settings": settings, "case_ids": case_ids}
+        # the resolved hyper-parameters too: a card edited between runs must not resume an old run
+        meta = {"settings": settings, "case_ids": case_ids, "hparams": hparams}
         run_json = path / "run.json"
         if overwrite and path.exists():
             shutil.rmtree(path)
@@ -364,7 +366,11 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
                                known_only=known_only, batch_size=batch_size, checkpoints=list(checkpoints),
                                protocols=list(protocols), shard=list(shard),
                                model=str(getattr(model.config, "_name_or_path", "")))
-        run_dir = _RunDir(root / method, asdict(settings), [c.case_id for c in cases], overwrite)
+        try:
+            hparams = get_method(method).resolve_config(model, cfg).to_dict()
+        except EditError:     # an invalid config: every edit fails and is recorded as failed
+            hparams = None
+        run_dir = _RunDir(root / method, asdict(settings), [c.case_id for c in cases], overwrite, hparams)
         Runner(model, tokenizer, settings, cases, run_dir, progress).run()
         summary = summarize(run_dir.lines(), settings=asdict(settings),
                             counts={"examined": examined, "kept": len(cases), "skipped_records": skipped})
