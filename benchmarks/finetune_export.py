@@ -57,8 +57,8 @@ def main() -> None:
             model.remove_edit("e")
         rows.append({"method": method, "edits": len(known), "bytes_per_edit": int(statistics.median(sizes)),
                      "rank_median": statistics.median(ranks), "rank_max": max(ranks),
-                     "export_logit_err_max": max(errors),
-                     f"rank{args.max_rank}_logit_err_median": statistics.median(truncated) if truncated else "-"})
+                     "export_logit_err_max": f"{max(errors):.2e}",
+                     f"rank{args.max_rank}_logit_err_median": f"{statistics.median(truncated):.3g}" if truncated else "-"})
     print_table(rows, list(rows[0]))
 
 
