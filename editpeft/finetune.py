@@ -39,7 +39,7 @@ from torch import nn
 from .adapters import WeightDeltaAdapter
 from .arch import linear_dims
 from .deltas import DenseDelta, LowRankDelta, WeightChange
-from .errors import ConfigError, EditError, EditOptimizationError
+from .errors import ConfigError, EditError
 from .locate import context_templates
 from .method import EditMethod, MethodConfig, check
 from .probe import output_edit
@@ -182,8 +182,7 @@ def train_changes(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
 
     All requests (and their paraphrases when ``paraphrases``), in every template, form one batch
     per step. Dropout draws from torch's RNG seeded by ``seed`` (in a fork: the caller's RNG is
-    untouched), so the same call gives the same edit. A loss that ends above where it started
-    (a step so large that a normalised model saturates instead of overflowing) is an error.
+    untouched), so the same call gives the same edit.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
@@ -191,8 +190,7 @@ def train_changes(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
     prompts, targets = training_pairs(requests, paraphrases, templates)
     batch = TargetBatch.for_model(model, tokenizer, prompts, targets)
     keep, first = kept_logits(model, batch)
-    keys = [(name, k) for name, c in changes.items() for k in c.tensors()]
-    start = {f"{name}:{k}": changes[name].tensors()[k] for name, k in keys}
+    start = {f"{name}:{k}": t for name, c in changes.items() for k, t in c.tensors().items()}
 
     def per_module(params: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
         return {k: params[f"{name}:{k}"] for k in changes[name].tensors()}
@@ -208,12 +206,6 @@ def train_changes(model: nn.Module, tokenizer, requests: Sequence[EditRequest],
 
     with seeded_rng(seed, model_device(model)):
         result = train_tensors(start, loss_fn, train, constraint=constraint)
-    first_loss, last_loss = result.history[0], result.history[-1]
-    if not result.stopped_early and last_loss > first_loss:
-        # normalised models do not overflow to NaN: a too-large step saturates them instead
-        raise EditOptimizationError(
-            f"{train.desc}: the target loss rose from {first_loss:.4g} to {last_loss:.4g} in {result.steps} steps "
-            "(training diverged); the model was left unchanged. Lower the learning rate (lr).")
     deltas = {name: change.result(per_module(result.params, name)) for name, change in changes.items()}
     return deltas, result
 
@@ -258,9 +250,25 @@ class FineTuneMethod(EditMethod):
     topologies = ("causal", "seq2seq")
 
     @abstractmethod
+    def targets(self, model, config: FineTuneConfig) -> list[str]:
+        """Names of the modules whose weights change (invalid names refused here, before training)."""
+
+    @abstractmethod
+    def new_change(self, module: nn.Module, config: FineTuneConfig) -> TrainableChange:
+        """A fresh trainable change of ``module`` (drawn under the seeded RNG)."""
+
+    @abstractmethod
+    def resumed_change(self, delta: WeightChange, module: nn.Module, config: FineTuneConfig) -> TrainableChange:
+        """A trainable change continuing from ``delta``, the adapter's stored change of ``module``."""
+
     def changes(self, model, config: FineTuneConfig,
                 existing: Mapping[str, WeightChange] | None = None) -> dict[str, TrainableChange]:
-        """Module name -> trainable change; continue from ``existing`` deltas when given."""
+        """Module name -> trainable change: the adapter's ``existing`` ones continued, new targets fresh."""
+        existing = existing or {}
+        names = list(existing) + [n for n in self.targets(model, config) if n not in existing]
+        with seeded_rng(config.seed, model_device(model)):
+            return {n: self.resumed_change(existing[n], model.get_submodule(n), config) if n in existing
+                    else self.new_change(model.get_submodule(n), config) for n in names}
 
     def objective(self, config: FineTuneConfig) -> str:
         return "teacher_forced"

@@ -135,7 +135,8 @@ def train_tensors(params: Mapping[str, torch.Tensor], loss_fn: Callable[[dict[st
 
     Stops early when the target term falls below ``config.stop_loss`` (checked before the step,
     so the returned tensors are the ones that reached it). Raises
-    :class:`EditOptimizationError` on a non-finite loss or gradient.
+    :class:`EditOptimizationError` on a non-finite loss or gradient, an overflowing update, or a
+    target loss that ends above where it started (divergence).
     """
     live = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     if not live:
@@ -196,6 +197,11 @@ def train_tensors(params: Mapping[str, torch.Tensor], loss_fn: Callable[[dict[st
     finally:
         if bar is not None:
             bar.close()
+    if not stopped and len(history) > 1 and history[-1] > history[0]:
+        # normalised models (RMSNorm, LayerNorm) rarely overflow to NaN: a step too large
+        # saturates them instead, and the loss ends above where it started
+        raise EditOptimizationError(f"{config.desc}: the target loss rose from {history[0]:.4g} to {history[-1]:.4g} "
+                                    f"in {step} steps (training diverged); the model was left unchanged. Lower lr.")
     out = {k: v.detach() for k, v in live.items()}
     bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
     if bad:

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from editpeft.arch import get_arch
 from editpeft.deltas import WeightChange
@@ -92,14 +91,15 @@ def clip_linf(bound: float) -> Constraint:
 class FineTuneFFN(FineTuneMethod):
     """Dense fine-tuning of FFN output projections (FT-L and FT-M share everything but the loss)."""
 
-    def changes(self, model, config: FFNTuneConfig,
-                existing: Mapping[str, WeightChange] | None = None) -> dict:
+    def targets(self, model, config: FFNTuneConfig) -> list[str]:
         arch = get_arch(model)
-        existing = existing or {}
-        names = list(existing) + [n for n in (arch.mlp_out_name(layer, config.stack) for layer in config.layers)
-                                  if n not in existing]
-        return {n: DenseChange.resume(existing[n], model.get_submodule(n)) if n in existing
-                else DenseChange.zeros(model.get_submodule(n)) for n in names}
+        return [arch.mlp_out_name(layer, config.stack) for layer in config.layers]
+
+    def new_change(self, module, config) -> DenseChange:
+        return DenseChange.zeros(module)
+
+    def resumed_change(self, delta: WeightChange, module, config) -> DenseChange:
+        return DenseChange.resume(delta, module)
 
     def constraint(self, config: FFNTuneConfig) -> Constraint | None:
         return clip_linf(config.norm_constraint) if config.norm_constraint is not None else None
@@ -114,8 +114,7 @@ class FTL(FineTuneFFN):
 
 
 class FTM(FineTuneFFN):
+    """The shared method's teacher-forced objective, no constraint unless configured."""
+
     name = "ft-m"
     Config = FFNTuneConfig
-
-    def objective(self, config) -> str:
-        return "teacher_forced"

@@ -36,14 +36,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from editpeft.arch import get_arch, is_conv1d
 from editpeft.deltas import LowRankDelta, WeightChange
 from editpeft.errors import ConfigError
 from editpeft.finetune import FineTuneConfig, FineTuneMethod, LoraChange
 from editpeft.method import check
-from editpeft.tokens import model_device, seeded_rng
 from torch import nn
 
 
@@ -119,19 +117,13 @@ class LoraEdit(FineTuneMethod):
     name = "lora"
     Config = LoraEditConfig
 
-    def changes(self, model, config: LoraEditConfig,
-                existing: Mapping[str, WeightChange] | None = None) -> dict:
-        existing = existing or {}
-        names = list(existing) + [n for n in lora_targets(model, config) if n not in existing]
-        out = {}
-        with seeded_rng(config.seed, model_device(model)):
-            for n in names:
-                module = model.get_submodule(n)
-                delta = existing.get(n)
-                if delta is None:
-                    out[n] = LoraChange.fresh(module, config.rank, config.scale, config.dropout)
-                elif isinstance(delta, LowRankDelta):
-                    out[n] = LoraChange.resume(delta, module, config.scale, config.dropout)
-                else:
-                    raise ConfigError(f"the adapter's change of {n!r} is not a LoRA (low-rank) delta")
-        return out
+    def targets(self, model, config: LoraEditConfig) -> list[str]:
+        return lora_targets(model, config)
+
+    def new_change(self, module, config: LoraEditConfig) -> LoraChange:
+        return LoraChange.fresh(module, config.rank, config.scale, config.dropout)
+
+    def resumed_change(self, delta: WeightChange, module, config: LoraEditConfig) -> LoraChange:
+        if not isinstance(delta, LowRankDelta):
+            raise ConfigError(f"the adapter's change of {type(delta).__name__} form is not a LoRA (low-rank) delta")
+        return LoraChange.resume(delta, module, config.scale, config.dropout)
