@@ -40,14 +40,25 @@ class EditAdapter(ABC):
         self.hparams = dict(hparams)
         self.requests = list(requests)
         self.targets = list(targets)
+        self._state: "EditState | None" = None
         self.name: str | None = None
-        self.active = True
+        self._active = True
         self.merged = False
         self.base_model: dict[str, Any] = {}
         self.plugin: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         self.editor: dict[str, Any] = {}   # {'id', 'sha256'} of the trained editor that made it
-        self._state: "EditState | None" = None
+
+    @property
+    def active(self) -> bool:
+        """The adapter's switch: off, it contributes nothing (merged or not) until switched on."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = bool(value)
+        if self._state is not None:
+            self._state.sync_merged()
 
     # -- serialisation (implemented by kinds / plugins) ---------------------------------------
     @abstractmethod

@@ -7,7 +7,11 @@ whose adapter is inactive, merged, or switched off by ``disabled_edits()`` is sk
 module then runs exactly its original code path (bitwise-identical outputs).
 
 Merging bakes weight deltas into ``module.weight``; the slot keeps a pristine copy so that
-unmerging restores the original weights bit for bit, whatever the order of merges.
+unmerging restores the original weights bit for bit, whatever the order of merges. A merged
+delta obeys the on/off switch like a hooked one: the weight always holds the pristine copy plus
+the merged deltas of the adapters that are live (:meth:`ModuleSlot.sync`), so switching a merged
+adapter off (``set_active_edits``, ``adapter.active = False``, ``disabled_edits()``) takes its
+delta out of the weight, and merging one that is off leaves the weight as it is until it is on.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class ModuleSlot:
         self.input_entries: list[tuple["EditAdapter", InputContribution]] = []
         self.pristine: torch.Tensor | None = None
         self.merged: list[tuple["EditAdapter", torch.Tensor]] = []
+        self._in_weight: tuple[int, ...] = ()   # ids of the merged adapters whose delta is in the weight
         self._handle = None
         self._pre_handle = None
 
@@ -97,37 +102,33 @@ class ModuleSlot:
 
     # -- merging -----------------------------------------------------------------------------
     def merge(self, adapter: "EditAdapter", delta: WeightChange) -> None:
-        weight = self.module.weight
         dense = delta.dense(self.module)
         if self.pristine is None:
-            self.pristine = weight.detach().clone()
-        with torch.no_grad():
-            weight.add_(dense)
+            self.pristine = self.module.weight.detach().clone()
         self.merged.append((adapter, dense))
+        self.sync()
 
     def unmerge(self, adapter: "EditAdapter") -> None:
         self.merged = [(a, d) for a, d in self.merged if a is not adapter]
-        with torch.no_grad():
-            self.module.weight.copy_(self.pristine)
-            for _, dense in self.merged:
-                self.module.weight.add_(dense)
+        self.sync()
         if not self.merged:
             self.pristine = None
+            self._in_weight = ()
 
-    @contextmanager
-    def pristine_weights(self) -> Iterator[None]:
-        """Temporarily put the original weights back (used by ``disabled_edits``)."""
+    def sync(self) -> None:
+        """Make the weight the pristine copy plus the merged deltas of the live adapters, in merge
+        order (bitwise what merging them one after another gives); a no-op when nothing changed."""
         if self.pristine is None:
-            yield
             return
-        stash = self.module.weight.detach().clone()
+        live = [(a, d) for a, d in self.merged if self.state.is_live(a)]
+        ids = tuple(id(a) for a, _ in live)
+        if ids == self._in_weight:
+            return
         with torch.no_grad():
             self.module.weight.copy_(self.pristine)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                self.module.weight.copy_(stash)
+            for _, dense in live:
+                self.module.weight.add_(dense)
+        self._in_weight = ids
 
 
 @contextmanager

@@ -100,20 +100,49 @@ def card_metadata(text: str) -> dict[str, Any]:
     end = text.find("\n---", 3)
     if end < 0:
         raise AdapterFormatError("the model card's YAML front matter is not closed by '---'")
+    front = text[3:end]
+    if len(front) > MAX_FRONT_MATTER:
+        raise AdapterFormatError(f"the model card's YAML front matter is {len(front):,} characters long "
+                                 f"(editpeft reads at most {MAX_FRONT_MATTER:,}); regenerate the card")
     try:
-        data = yaml.safe_load(text[3:end])
+        _check_plain_yaml(front)
+        data = yaml.safe_load(front)
     except yaml.YAMLError as e:
-        raise AdapterFormatError(f"the model card's YAML front matter is invalid ({e})") from None
+        raise AdapterFormatError(f"the model card's YAML front matter is invalid ({str(e)[:200]})") from None
     if data is not None and not isinstance(data, dict):
         raise AdapterFormatError("the model card's YAML front matter is not a mapping")
     return data or {}
 
 
+#: Limits on a card's YAML front matter: its length, and the number of parser events (an
+#: alias-free document has at most a few events per character, so this bounds the work).
+MAX_FRONT_MATTER = 64 * 1024
+MAX_YAML_EVENTS = 20_000
+#: Largest README read when checking a card.
+MAX_CARD_BYTES = 4 * 1024 * 1024
+
+
+def _check_plain_yaml(front: str) -> None:
+    """Refuse anchors/aliases (they expand exponentially) and documents over the event limit,
+    before anything is built from the YAML; parsing events is linear in the text."""
+    for count, event in enumerate(yaml.parse(front, Loader=yaml.SafeLoader)):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise AdapterFormatError("the model card's YAML front matter uses anchors/aliases, which editpeft "
+                                     "cards never contain; regenerate the card")
+        if count > MAX_YAML_EVENTS:
+            raise AdapterFormatError(f"the model card's YAML front matter has more than {MAX_YAML_EVENTS:,} "
+                                     "elements; regenerate the card")
+
+
 def check_card(folder: Path, config: dict[str, Any]) -> None:
     """Refuse a README whose metadata contradicts ``edit_config.json`` (a tampered or mixed-up card)."""
-    readme = Path(folder) / "README.md"
+    from .io import adapter_file
+    readme = adapter_file(Path(folder), "README.md", AdapterFormatError, "the adapter folder")
     if not readme.is_file():
         return
+    if readme.stat().st_size > MAX_CARD_BYTES:
+        raise AdapterFormatError(f"{readme} is larger than editpeft reads ({MAX_CARD_BYTES:,} bytes); regenerate "
+                                 "the card by saving the adapter again")
     meta = card_metadata(readme.read_text(encoding="utf-8", errors="replace"))
     if not meta:
         return
@@ -124,7 +153,9 @@ def check_card(folder: Path, config: dict[str, Any]) -> None:
     if meta.get("base_model") is not None and base and meta["base_model"] != base:
         problems.append(f"base_model is {meta['base_model']!r} but edit_config.json says {base!r}")
     tags = meta.get("tags") or []
-    if tags and config["method"] not in tags:
+    if not isinstance(tags, list):
+        problems.append(f"tags is {type(tags).__name__}, not a list")
+    elif tags and config["method"] not in tags:
         problems.append(f"tags {tags} do not name the method {config['method']!r}")
     if problems:
         raise AdapterFormatError(f"the model card of {str(folder)!r} contradicts its edit_config.json: "

@@ -28,6 +28,25 @@ class Codebook:
     def empty(cls, d_in: int, d_out: int) -> "Codebook":
         return cls(torch.zeros(0, d_in), torch.zeros(0, d_out), torch.zeros(0), torch.zeros(0, dtype=torch.long))
 
+    @classmethod
+    def checked(cls, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor,
+                labels: torch.Tensor) -> "Codebook":
+        """A codebook from stored tensors, refused (ValueError) unless keys (N, d_in) and values
+        (N, d_out) are finite floats, radii (N,) finite floats >= 0 and labels (N,) integers."""
+        shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                           for n, t in zip(("keys", "values", "radii", "labels"), (keys, values, radii, labels)))
+        n = keys.shape[0] if keys.ndim else -1
+        if keys.ndim != 2 or values.ndim != 2 or radii.ndim != 1 or labels.ndim != 1 \
+                or not (values.shape[0] == radii.shape[0] == labels.shape[0] == n):
+            raise ValueError(f"a codebook needs keys (N, d_in), values (N, d_out), radii (N,), labels (N,); got {shapes}")
+        floats = (keys, values, radii)
+        if not all(t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for t in floats) \
+                or labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"codebook keys, values and radii must be floats and labels integers; got {shapes}")
+        if not all(bool(torch.isfinite(t).all()) for t in floats) or bool((radii < 0).any()):
+            raise ValueError("codebook keys, values and radii must be finite and radii >= 0")
+        return cls(keys, values, radii, labels.long())
+
     def __len__(self) -> int:
         return self.keys.shape[0]
 

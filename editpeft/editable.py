@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 from collections import OrderedDict
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -102,17 +102,38 @@ class EditState:
     def live_routers(self) -> list[EditAdapter]:
         return [a for a in self.edits.values() if a.kind == "router" and self.is_live(a)]
 
+    def sync_merged(self) -> None:
+        """Put into the weights exactly the merged deltas of the live adapters (after a switch)."""
+        for slot in list(self.slots.values()):
+            slot.sync()
+
     @contextmanager
     def disabled(self) -> Iterator[None]:
         previous = self.enabled
         self.enabled = False
-        with ExitStack() as stack:
-            for slot in list(self.slots.values()):
-                stack.enter_context(slot.pristine_weights())
-            try:
-                yield
-            finally:
-                self.enabled = previous
+        self.sync_merged()
+        try:
+            yield
+        finally:
+            self.enabled = previous
+            self.sync_merged()
+
+    @contextmanager
+    def only_live(self, names: Iterable[str]) -> Iterator[None]:
+        """Inside the block exactly the edits ``names`` are live (the switch restored afterwards)."""
+        keep = set(names)
+        previous = (self.enabled, {n: a.active for n, a in self.edits.items()})
+        self.enabled = True
+        for n, a in self.edits.items():
+            a._active = n in keep
+        self.sync_merged()
+        try:
+            yield
+        finally:
+            self.enabled = previous[0]
+            for n, a in self.edits.items():
+                a._active = previous[1][n]
+            self.sync_merged()
 
 
 class EditableMixin:
@@ -205,7 +226,8 @@ class EditableMixin:
         for n in names:
             _lookup(state, n)
         for n, adapter in state.edits.items():
-            adapter.active = n in names
+            adapter._active = n in names
+        state.sync_merged()
 
     def load_edit(self, path_or_repo: str | os.PathLike, *, name: str | None = None,
                   revision: str | None = None, subfolder: str | None = None,
@@ -219,6 +241,7 @@ class EditableMixin:
         if name in state.edits:
             raise EditError(f"an edit named {name!r} already exists; pass name=... to load it under another name")
         _verify_base(state, adapter, allow_mismatch)
+        _verify_targets(state, adapter)
         _report_conflicts(state, name, adapter.requests)
         _attach(state, name, adapter)
         return adapter
@@ -255,6 +278,24 @@ def _routed_generate(self, *args, **kwargs):
     return routed_generate(self, base_generate, args, kwargs)
 
 
+_SAVE_DOC = """editpeft: saves the *base* model. While any edit is live this refuses (EditError) rather
+than silently dropping the edits: save the adapters with ``adapter.save_pretrained``, the edited
+model with ``editpeft.save_merged``, or the base model inside ``with model.disabled_edits():``.
+
+"""
+
+
+def _refuse_saving_live_edits(model) -> None:
+    state = model._editpeft
+    live = [n for n, a in state.edits.items() if state.is_live(a)]
+    if live:
+        raise EditError(f"model.save_pretrained would save the base weights without the {len(live)} live edit(s) "
+                        f"({', '.join(live[:5])}{', ...' if len(live) > 5 else ''}). Save the edits with "
+                        "adapter.save_pretrained(dir) (or model.edits[name].save_pretrained), the edited model "
+                        "with editpeft.save_merged(model, tokenizer, dir), or the base model inside "
+                        "`with model.disabled_edits(): model.save_pretrained(dir)`")
+
+
 @functools.lru_cache(maxsize=None)
 def _editable_class(base: type) -> type:
     """A subclass of ``base`` with the edit API; same name so saved configs are unchanged.
@@ -270,6 +311,13 @@ def _editable_class(base: type) -> type:
         generate.__signature__ = inspect.signature(base.generate)
         generate.__doc__ = base.generate.__doc__
         attrs["generate"] = generate
+    if callable(getattr(base, "save_pretrained", None)):
+        def save_pretrained(self, *args, **kwargs):
+            _refuse_saving_live_edits(self)
+            return base.save_pretrained(self, *args, **kwargs)
+        save_pretrained.__signature__ = inspect.signature(base.save_pretrained)
+        save_pretrained.__doc__ = _SAVE_DOC + (base.save_pretrained.__doc__ or "")
+        attrs["save_pretrained"] = save_pretrained
     cls = type(base.__name__, (EditableMixin, base), attrs)
     cls.__qualname__ = base.__qualname__
     return cls
@@ -370,3 +418,18 @@ def _verify_base(state: EditState, adapter: EditAdapter, allow_mismatch: bool) -
     check_base_model(adapter.base_model or {}, state.model, lambda: state.fingerprint(adapter.targets),
                      what=f"adapter {adapter.name!r}", targets=adapter.targets, allow_mismatch=allow_mismatch,
                      advice="load it onto the model it was made for, or pass allow_mismatch=True to attach it anyway")
+
+def _verify_targets(state: EditState, adapter: EditAdapter) -> None:
+    """Refuse an adapter whose targets its own hparams do not imply on this model (a file whose
+    hparams name another layer than the modules it writes, so its card would state the wrong one)."""
+    from .errors import AdapterFormatError, ConfigError, UnsupportedModelError
+    impl = get_method(adapter.method)
+    try:
+        expected = impl.targets(state.model, impl.Config.from_dict(adapter.hparams))
+    except (ConfigError, UnsupportedModelError) as e:
+        raise AdapterFormatError(f"adapter {adapter.name!r}'s hparams do not fit this model ({e})") from None
+    stray = [t for t in adapter.targets if expected is not None and t not in expected]
+    if stray:
+        raise AdapterFormatError(f"adapter {adapter.name!r} writes {', '.join(stray)}, which its hparams do not "
+                                 f"imply on this model (they give {', '.join(expected)}); the file is corrupt or "
+                                 "was modified")

@@ -65,11 +65,15 @@ def check_base_model(base: dict, model, actual_fingerprint: Callable[[], str], *
     artefact in messages ("adapter 'x'"); ``advice`` says what to do instead."""
     from .errors import BaseModelMismatchError
     model_type = model.config.model_type
-    if base.get("model_type") and base["model_type"] != model_type:
+    if not isinstance(base, dict) or not base.get("model_type") or not base.get("fingerprint"):
+        raise BaseModelMismatchError(f"{what} records no base model (model type and fingerprint), so it cannot be "
+                                     "checked against this model; it is corrupt or was modified. Save it again "
+                                     "from the model it was made on")
+    if base["model_type"] != model_type:
         raise BaseModelMismatchError(f"{what} was made for a {base['model_type']!r} model "
                                      f"({base.get('name_or_path')}); this model is {model_type!r}")
-    expected, actual = base.get("fingerprint"), actual_fingerprint()
-    if expected and expected != actual:
+    expected, actual = base["fingerprint"], actual_fingerprint()
+    if expected != actual:
         if not allow_mismatch:
             raise BaseModelMismatchError(
                 f"{what} was made for base model {base.get('name_or_path')!r} with fingerprint {expected[:19]}..., "

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
@@ -23,11 +23,11 @@ from safetensors.torch import save as save_safetensors_bytes
 from .atomic import atomic_dir, write_text
 from .atomic import write_synced as _write
 from .errors import AdapterFormatError, EditError
+from .schema import FORMAT, SHA256_HEX  # FORMAT re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import EditAdapter
 
-FORMAT = "editpeft/1"
 CONFIG_NAME = "edit_config.json"
 WEIGHTS_NAME = "edit_model.safetensors"
 README_NAME = "README.md"
@@ -74,46 +74,103 @@ def save_adapter(adapter: "EditAdapter", path: str | os.PathLike, *, readme: boo
     return str(dest)
 
 
+#: Largest config file read (a real one is a few KB per request; larger is refused, not parsed).
+MAX_CONFIG_BYTES = 64 * 1024 * 1024
+#: Largest tensors file read.
+MAX_TENSOR_BYTES = 64 * 1024 ** 3
+
+
+def adapter_file(folder: Path, name: str, error: type[EditError], what: str) -> Path:
+    """``folder / name`` if it is a regular file that stays inside ``folder``; a symbolic link is
+    followed only inside the folder, or, for a folder in a Hugging Face cache snapshot, into that
+    repo's ``blobs`` store (how the cache lays files out). Anything else is refused."""
+    path = folder / name
+    if path.is_symlink():
+        target = path.resolve()
+        inside = _is_within(target, folder.resolve()) or _is_within(target, _hf_blobs(folder))
+        if not inside:
+            raise error(f"{path} is a link to {str(target)!r}, outside {what}; refusing to read it. "
+                        "Copy the file into the folder if you meant it")
+    if path.exists() and not path.is_file():
+        raise error(f"{path} is not a regular file; {what} needs {name} as a file")
+    return path
+
+
+def _is_within(path: Path, root: Path | None) -> bool:
+    if root is None:
+        return False
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _hf_blobs(folder: Path) -> Path | None:
+    """The ``blobs`` store of the HF cache repo whose snapshot holds ``folder`` (else None)."""
+    parts = folder.resolve().parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--", "spaces--")):
+            return Path(*parts[:i]) / "blobs"
+    return None
+
+
+def _read_capped(path: Path, limit: int, error: type[EditError]) -> bytes:
+    size = path.stat().st_size
+    if size > limit:
+        raise error(f"{path} is {size:,} bytes, more than editpeft reads ({limit:,}); it is not an adapter file")
+    return path.read_bytes()
+
+
 def read_verified_folder(folder: str | os.PathLike, *, config_name: str, weights_name: str, fmt: str,
                          required: Sequence[str], error: type[EditError], what: str,
-                         how_to_fix: str) -> tuple[dict[str, Any], dict]:
-    """Read and verify ``folder``'s JSON config and safetensors (format, required fields, the
-    tensors' sha256 when recorded); any problem raises ``error`` naming ``what`` the folder is."""
+                         how_to_fix: str, validate: Callable[[Any], Any] | None = None) -> tuple[dict[str, Any], dict]:
+    """Read and verify ``folder``'s JSON config and safetensors: files inside the folder, the
+    config (``validate`` if given, else its format and ``required`` fields), then the tensors'
+    sha256, which must be recorded. Any problem raises ``error`` naming ``what`` the folder is."""
     folder = Path(folder)
     if not folder.is_dir():
         raise error(f"{str(folder)!r} is not {what} (it does not exist)")
-    cfg_path, w_path = folder / config_name, folder / weights_name
+    cfg_path, w_path = (adapter_file(folder, n, error, what) for n in (config_name, weights_name))
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise error(f"{p.name} is missing from {str(folder)!r}; {what} needs {config_name} and "
                         f"{weights_name} ({how_to_fix})")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{cfg_path} is not valid JSON ({e}); the file is corrupt") from None
-    if not isinstance(config, dict) or config.get("format") != fmt:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise error(f"{cfg_path} is not a {fmt} config (format={found!r})")
-    for key in required:
-        if key not in config:
-            raise error(f"{cfg_path} lacks the field {key!r}; the file is corrupt")
-    blob = w_path.read_bytes()
-    if config.get("tensors_sha256") and config["tensors_sha256"] != hashlib.sha256(blob).hexdigest():
+        config = json.loads(_read_capped(cfg_path, MAX_CONFIG_BYTES, error))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise error(f"{cfg_path} is not valid JSON ({str(e)[:200]}); the file is corrupt") from None
+    if validate is not None:
+        validate(config)
+    else:
+        if not isinstance(config, dict) or config.get("format") != fmt:
+            found = config.get("format") if isinstance(config, dict) else None
+            raise error(f"{cfg_path} is not a {fmt} config (format={str(found)[:80]!r})")
+        for key in required:
+            if key not in config:
+                raise error(f"{cfg_path} lacks the field {key!r}; the file is corrupt")
+    recorded = config.get("tensors_sha256")
+    if not isinstance(recorded, str) or not SHA256_HEX.fullmatch(recorded):
+        raise error(f"{cfg_path} records no valid tensors_sha256, so its tensors cannot be verified; the "
+                    f"file is corrupt or was modified ({how_to_fix})")
+    blob = _read_capped(w_path, MAX_TENSOR_BYTES, error)
+    if recorded != hashlib.sha256(blob).hexdigest():
         raise error(f"{w_path} does not match the hash recorded in {config_name}: the tensors are corrupt or "
                     f"were modified ({how_to_fix})")
     try:
         tensors = load_safetensors_bytes(blob)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise error(f"{w_path} is not a valid safetensors file ({e})") from None
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        raise error(f"{w_path} is not a valid safetensors file ({str(e)[:200]})") from None
     return config, tensors
 
 
 def read_adapter_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     """Read and verify the config and tensors of an adapter folder (no model needed)."""
+    from .schema import validate_adapter_config
     return read_verified_folder(folder, config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME, fmt=FORMAT,
-                                required=("method", "kind", "targets", "hparams", "requests"),
-                                error=AdapterFormatError, what="an adapter folder",
-                                how_to_fix="download it or save it again with save_pretrained")
+                                required=(), error=AdapterFormatError, what="an adapter folder",
+                                how_to_fix="download it again (force_download=True for a Hub repo) or save "
+                                "it again with save_pretrained", validate=validate_adapter_config)
 
 
 def save_metrics(folder: str | os.PathLike, metrics: dict[str, Any]) -> None:

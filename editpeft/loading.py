@@ -6,43 +6,103 @@ Example:
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .adapters import EditAdapter
 from .card import check_card
-from .errors import AdapterFormatError, MethodNotInstalledError
-from .io import CONFIG_NAME, read_adapter_files
-from .registry import method_info
+from .errors import AdapterFormatError, EditError, MethodNotInstalledError
+from .io import editpeft_version, read_adapter_files
+from .registry import MethodInfo, method_info
 from .request import EditRequest
+from .schema import request_objects
+
+logger = logging.getLogger(__name__)
 
 
 def load_adapter(folder: str | os.PathLike) -> EditAdapter:
-    """Build the adapter stored in ``folder`` with its installed method's adapter class."""
+    """Build the adapter stored in ``folder`` with its installed method's adapter class.
+
+    Order of checks: the files (inside the folder, sizes), the config's schema, the tensors' hash,
+    the method (installed, same kind, its hparams valid), the model card, the requests, then the
+    tensors (finite, exactly the ones the adapter kind reads, shapes checked by the kind).
+    """
     config, tensors = read_adapter_files(folder)
-    info = method_info(config["method"])
+    method = config["method"]
+    info = method_info(method)
     if info is None or not info.loaded:
-        dist = (config.get("plugin") or {}).get("distribution") or f"the plugin providing {config['method']!r}"
         why = f" (it failed to load: {info.error})" if info is not None else ""
-        raise MethodNotInstalledError(f"adapter {str(folder)!r} needs method {config['method']!r}, which is not "
-                                      f"installed{why}; install it with: pip install {dist}")
-    check_card(Path(folder), config)
+        raise MethodNotInstalledError(f"adapter {str(folder)!r} needs method {method!r}, which is not installed"
+                                      f"{why}; install the plugin that provides it: pip install "
+                                      f"{config['plugin']['distribution']}")
     if info.kind != config["kind"]:
         raise AdapterFormatError(f"adapter kind {config['kind']!r} does not match method "
-                                 f"{config['method']!r}, which makes {info.kind!r} adapters")
+                                 f"{method!r}, which makes {info.kind!r} adapters")
+    _check_provenance(config, info)
     try:
-        requests = [EditRequest.from_dict(r) for r in config["requests"]]
-    except Exception as e:
-        raise AdapterFormatError(f"bad request in {CONFIG_NAME}: {e}") from None
-    adapter = info.cls.loader_class().from_saved(
-        tensors, config.get("extra") or {}, method=config["method"], hparams=config["hparams"],
-        requests=requests, targets=list(config["targets"]))
+        info.cls.Config.from_dict(config["hparams"])
+    except EditError as e:
+        raise AdapterFormatError(f"the adapter's hparams are invalid for method {method!r} ({e}); the file is "
+                                 "corrupt or was modified") from None
+    check_card(Path(folder), config)
+    requests = request_objects(config, EditRequest.from_dict)
+    _check_finite_tensors(tensors)
+    try:
+        adapter = info.cls.loader_class().from_saved(
+            tensors, config.get("extra") or {}, method=method, hparams=config["hparams"],
+            requests=requests, targets=list(config["targets"]))
+    except EditError:
+        raise
+    except Exception as e:   # a plugin's loader tripping over malformed tensors
+        raise AdapterFormatError(f"the adapter's tensors do not fit a {method!r} adapter ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); the file is corrupt or was modified") from None
+    unread = sorted(set(tensors) - set(adapter.state_dict()))
+    if unread:
+        raise AdapterFormatError(f"the adapter file holds tensors its config does not account for "
+                                 f"({', '.join(unread[:5])}{', ...' if len(unread) > 5 else ''}); the file was "
+                                 "modified or mixed up with another adapter's")
     adapter.name = config.get("name")
-    adapter.base_model = config.get("base_model") or {}
-    adapter.plugin = config.get("plugin") or {}
+    adapter.base_model = dict(config["base_model"])
+    adapter.plugin = dict(config["plugin"])
     adapter.metrics = config.get("metrics") or {}
     adapter.editor = config.get("editor") or {}
     return adapter
+
+
+def _check_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterFormatError(f"tensor {key!r} contains NaN or inf; the adapter file is corrupt or "
+                                     "was modified")
+        if t.dtype in (torch.bool, torch.complex64, torch.complex128) or t.is_complex():
+            raise AdapterFormatError(f"tensor {key!r} has dtype {t.dtype}, which no editpeft adapter stores")
+
+
+def _check_provenance(config: dict[str, Any], info: MethodInfo) -> None:
+    """Say (log a warning) where the environment differs from the one that made the adapter:
+    another plugin distribution providing the method, an older plugin, an older editpeft."""
+    plugin = config["plugin"]
+    if info.distribution and plugin["distribution"] != info.distribution:
+        logger.warning("adapter method %r was made with plugin %r but is provided here by %r; the tensors are "
+                       "read by the installed plugin", config["method"], plugin["distribution"], info.distribution)
+    elif info.version and plugin.get("version") and _older(info.version, plugin["version"]):
+        logger.warning("adapter was made with %s %s; %s is installed here (upgrade it if loading or appending "
+                       "fails)", plugin["distribution"], plugin["version"], info.version)
+    if _older(editpeft_version(), config["editpeft_version"]):
+        logger.warning("adapter was made with editpeft %s; this is editpeft %s (upgrade it if loading or "
+                       "appending fails)", config["editpeft_version"], editpeft_version())
+
+
+def _older(installed: str, recorded: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+    try:
+        return Version(installed) < Version(recorded)
+    except InvalidVersion:
+        return False
 
 
 def resolve_adapter_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None,

@@ -57,6 +57,12 @@ class LayerRangeConfig(LocateEditConfig):
         check(self.layers == sorted(set(self.layers)), "layers must be ascending and distinct")
 
 
+def layer_targets(model, layers: Sequence[int]) -> list[str]:
+    """The FFN output projections of blocks ``layers`` (what the mass-editing methods write)."""
+    arch = get_arch(model)
+    return [arch.mlp_out_name(arch.check_layer(layer)) for layer in layers]
+
+
 def spread_over_layers(model, tokenizer, requests: Sequence[EditRequest], layers: Sequence[int],
                        config: LocateEditConfig, solve: Solver) -> tuple[dict[str, LowRankDelta], dict[str, torch.Tensor]]:
     """Compute the per-layer low-rank updates of ``requests`` (see the module docstring).
@@ -66,7 +72,7 @@ def spread_over_layers(model, tokenizer, requests: Sequence[EditRequest], layers
     """
     arch = get_arch(model)
     layers = [arch.check_layer(layer) for layer in layers]
-    targets = [arch.mlp_out_name(layer) for layer in layers]
+    targets = layer_targets(model, layers)
     last_block = arch.layer_name(layers[-1])
     templates = context_templates(model, tokenizer, config.context_lengths, config.seed)
     values = optimize_values(model, tokenizer, targets[-1], requests, templates, **config.value_options())
@@ -118,6 +124,9 @@ class StatisticsSpreadMethod(AppendByStacking, EditMethod):
 
     kind = "weight_delta"
     needs_subject = True
+
+    def targets(self, model, config: LayerRangeConfig) -> list[str]:
+        return layer_targets(model, config.layers)
 
     @abstractmethod
     def direction(self, mom2: torch.Tensor, keys: torch.Tensor, config: LayerRangeConfig) -> torch.Tensor:

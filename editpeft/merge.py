@@ -33,13 +33,14 @@ def save_merged(model, tokenizer, out_dir: str | Path, names: Sequence[str] | No
         adapters.append(a)
     out = Path(out_dir)
     newly = [a for a in adapters if not a.merged]
-    for a in newly:
-        a.merge()
-    try:
-        model.save_pretrained(out)
-    finally:
-        for a in reversed(newly):
-            a.unmerge()
+    with state.only_live(names):     # exactly these edits in the weights, whatever the switch says
+        for a in newly:
+            a.merge()
+        try:
+            super(type(model), model).save_pretrained(out)   # the base class's (editpeft's refuses live edits)
+        finally:
+            for a in reversed(newly):
+                a.unmerge()
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     _write_card(out, model, adapters)

@@ -12,13 +12,17 @@ Example (a complete plugin, see docs/writing-a-plugin.md):
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 from contextlib import contextmanager
 import inspect
 from abc import ABC, abstractmethod
 import logging
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
@@ -42,8 +46,12 @@ class MethodConfig:
     layer_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        hints = _field_types(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in hints and not _matches(value, hints[f.name]):
+                raise ConfigError(f"{type(self).__name__}.{f.name} must be {_describe(hints[f.name])}, got "
+                                  f"{type(value).__name__} {str(value)[:40]!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{type(self).__name__}.{f.name} must be finite, got {value}")
         self.validate()
@@ -72,6 +80,48 @@ class MethodConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help text."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved field annotations of a config class ({} when they cannot be resolved)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:   # an annotation naming something the module does not import at run time
+        logger.debug("cannot resolve the field types of %s; their values are not type-checked", cls.__name__)
+        return {}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as read from JSON/YAML) fits the annotation ``hint``: int for float is
+    fine, bool for int or float is not, a list stands for a tuple; unknown hints accept anything."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint in (int, float):
+        allowed = (int,) if hint is int else (int, float)
+        return isinstance(value, allowed) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    base = origin or hint
+    if base in (list, tuple, Sequence, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item = args[0] if args and (base is not tuple or len(args) == 2 and args[1] is Ellipsis) else None
+        return item is None or all(_matches(v, item) for v in value)
+    if base in (dict, Mapping, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None").replace("<class '", "").replace("'>", "")
 
 
 def check(cond: bool, message: str) -> None:
@@ -115,6 +165,12 @@ class EditMethod(ABC):
     @classmethod
     def supports_extend(cls) -> bool:
         return cls.extend is not EditMethod.extend
+
+    def targets(self, model, config: MethodConfig) -> list[str] | None:
+        """The modules an adapter computed with ``config`` on ``model`` may write to, or None when
+        the method cannot say before computing. Loading checks a saved adapter's targets against
+        its hparams with this (a file whose hparams name another layer is refused)."""
+        return None
 
     # -- trained editors (MEND, KE, SERAC; see editpeft.editors) -------------------------------
     #: True when ``compute`` needs a trained editor; the core then passes ``editor=`` to

@@ -41,7 +41,7 @@ import editpeft
 from editpeft import EditRequest, WeightDeltaAdapter
 from editpeft.attach import LowRankDelta
 from editpeft.errors import AdapterFormatError, EditOptimizationError
-from editpeft.mass_edit import LayerRangeConfig, join_deltas, spread_over_layers
+from editpeft.mass_edit import LayerRangeConfig, join_deltas, layer_targets, spread_over_layers
 from editpeft.method import check
 from editpeft.locate import key_statistics
 
@@ -101,6 +101,9 @@ class AlphaEdit(editpeft.EditMethod):
     needs_subject = True
     Config = AlphaEditConfig
     adapter_class = NullSpaceAdapter
+
+    def targets(self, model, config: AlphaEditConfig) -> list[str]:
+        return layer_targets(model, config.layers)
 
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: AlphaEditConfig) -> NullSpaceAdapter:
         return self._edit(model, tokenizer, requests, config, prior=None)

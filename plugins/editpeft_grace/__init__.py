@@ -76,12 +76,13 @@ class GraceAdapter(ModuleHookAdapter):
     @classmethod
     def from_saved(cls, tensors, extra, **common) -> "GraceAdapter":
         try:
-            book = Codebook(tensors["keys"], tensors["values"], tensors["radii"], tensors["labels"].long())
+            book = Codebook.checked(tensors["keys"], tensors["values"], tensors["radii"], tensors["labels"])
         except KeyError as e:
             raise AdapterFormatError(f"GRACE tensor {e.args[0]!r} is missing from the adapter file") from None
-        n = book.keys.shape[0]
-        if not (book.values.shape[0] == book.radii.shape[0] == book.labels.shape[0] == n):
-            raise AdapterFormatError("GRACE codebook tensors disagree on the number of entries")
+        except ValueError as e:
+            raise AdapterFormatError(f"the GRACE codebook is malformed: {e}") from None
+        if len(common.get("targets") or []) != 1:
+            raise AdapterFormatError(f"a GRACE adapter has exactly one target module; got {common.get('targets')}")
         return cls(book, **common)
 
     def prepare(self, state) -> None:
@@ -109,8 +110,11 @@ class Grace(editpeft.EditMethod):
     Config = GraceConfig
     adapter_class = GraceAdapter
 
+    def targets(self, model, config: GraceConfig) -> list[str]:
+        return [get_arch(model).mlp_out_name(config.layer)]
+
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: GraceConfig) -> GraceAdapter:
-        target = get_arch(model).mlp_out_name(config.layer)
+        (target,) = self.targets(model, config)
         d_in, d_out = linear_dims(model.get_submodule(target))
         empty = GraceAdapter(Codebook.empty(d_in, d_out), method=self.name, hparams=config.to_dict(),
                              requests=[], targets=[target])

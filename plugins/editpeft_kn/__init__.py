@@ -88,11 +88,13 @@ class KnowledgeNeurons(AppendByStacking, editpeft.EditMethod):
     kind = "weight_delta"
     Config = KnowledgeNeuronsConfig
 
+    def targets(self, model, config: KnowledgeNeuronsConfig) -> list[str]:
+        arch = get_arch(model)
+        return [arch.mlp_out_name(arch.check_layer(x)) for x in (config.layers or range(arch.num_layers))]
+
     def compute(self, model, tokenizer, requests: Sequence[EditRequest],
                 config: KnowledgeNeuronsConfig) -> WeightDeltaAdapter:
-        arch = get_arch(model)
-        layers = [arch.check_layer(x) for x in (config.layers or range(arch.num_layers))]
-        targets = [arch.mlp_out_name(x) for x in layers]
+        targets = self.targets(model, config)
         embed = model.get_output_embeddings().weight
         d_in, d_out = linear_dims(model.get_submodule(targets[0]))
         if embed.shape[1] != d_out:
@@ -108,7 +110,7 @@ class KnowledgeNeurons(AppendByStacking, editpeft.EditMethod):
             scores = torch.stack([a for a, _ in attributed])                            # (prompts, L, inter)
             activation = attributed[0][1]                                               # w̄ on the bare prompt
             neurons = refine(scores, config)
-            logger.info("kn %r: neurons %s", request.prompt, [(layers[l], i) for l, i in neurons])
+            logger.info("kn %r: neurons %s", request.prompt, [(targets[l], i) for l, i in neurons])
             u = (config.write_weight * embed[new] - config.erase_weight * embed[old]).detach().float().cpu()
             for l_idx in sorted({l for l, _ in neurons}):
                 indicator = torch.zeros(d_in, 1)

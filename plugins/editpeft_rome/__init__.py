@@ -75,8 +75,11 @@ class Rome(AppendByStacking, editpeft.EditMethod):
     needs_subject = True
     Config = RomeConfig
 
+    def targets(self, model, config: RomeConfig) -> list[str]:
+        return [get_arch(model).mlp_out_name(config.layer)]
+
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: RomeConfig) -> WeightDeltaAdapter:
-        target = get_arch(model).mlp_out_name(config.layer)
+        (target,) = self.targets(model, config)
         mom2 = key_statistics(model, tokenizer, target, config)
         templates = context_templates(model, tokenizer, config.context_lengths, config.seed)
         ups, downs = [], []
