@@ -149,8 +149,8 @@ def check_card(folder: Path, config: dict[str, Any]) -> None:
     problems = []
     if meta.get("library_name") not in (None, "editpeft"):
         problems.append(f"library_name is {meta['library_name']!r}, not 'editpeft'")
-    base = (config.get("base_model") or {}).get("name_or_path")
-    if meta.get("base_model") is not None and base and meta["base_model"] != base:
+    base = (config.get("base_model") or {}).get("name_or_path") or None
+    if meta.get("base_model") is not None and meta["base_model"] != base:
         problems.append(f"base_model is {meta['base_model']!r} but edit_config.json says {base!r}")
     tags = meta.get("tags") or []
     if not isinstance(tags, list):

@@ -32,7 +32,7 @@ class Codebook:
     def checked(cls, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor,
                 labels: torch.Tensor) -> "Codebook":
         """A codebook from stored tensors, refused (ValueError) unless keys (N, d_in) and values
-        (N, d_out) are finite floats, radii (N,) finite floats >= 0 and labels (N,) integers."""
+        (N, d_out) are finite floats, radii (N,) finite floats >= 0 and labels (N,) integers >= 0."""
         shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                            for n, t in zip(("keys", "values", "radii", "labels"), (keys, values, radii, labels)))
         n = keys.shape[0] if keys.ndim else -1
@@ -45,6 +45,8 @@ class Codebook:
             raise ValueError(f"codebook keys, values and radii must be floats and labels integers; got {shapes}")
         if not all(bool(torch.isfinite(t).all()) for t in floats) or bool((radii < 0).any()):
             raise ValueError("codebook keys, values and radii must be finite and radii >= 0")
+        if bool((labels < 0).any()):
+            raise ValueError("codebook labels are token ids and must be >= 0")
         return cls(keys, values, radii, labels.long())
 
     def __len__(self) -> int:

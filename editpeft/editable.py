@@ -236,7 +236,7 @@ class EditableMixin:
         from .loading import load_adapter, resolve_adapter_dir
         state = self._editpeft
         folder = resolve_adapter_dir(path_or_repo, revision=revision, subfolder=subfolder)
-        adapter = load_adapter(folder)
+        adapter = load_adapter(folder, allow_mismatch=allow_mismatch)
         name = name or adapter.name or _fresh_name(state, adapter.method)
         if name in state.edits:
             raise EditError(f"an edit named {name!r} already exists; pass name=... to load it under another name")

@@ -24,12 +24,14 @@ from .schema import request_objects
 logger = logging.getLogger(__name__)
 
 
-def load_adapter(folder: str | os.PathLike) -> EditAdapter:
+def load_adapter(folder: str | os.PathLike, *, allow_mismatch: bool = False) -> EditAdapter:
     """Build the adapter stored in ``folder`` with its installed method's adapter class.
 
     Order of checks: the files (inside the folder, sizes), the config's schema, the tensors' hash,
-    the method (installed, same kind, its hparams valid), the model card, the requests, then the
-    tensors (finite, exactly the ones the adapter kind reads, shapes checked by the kind).
+    the method (installed, same kind, from the plugin distribution that made the adapter unless
+    ``allow_mismatch``; its hparams valid), the model card, the requests, then the tensors (finite,
+    exactly the ones the adapter kind reads, shapes checked by the kind), its targets (as listed)
+    and ``extra`` (no setting the kind does not read).
     """
     config, tensors = read_adapter_files(folder)
     method = config["method"]
@@ -42,7 +44,7 @@ def load_adapter(folder: str | os.PathLike) -> EditAdapter:
     if info.kind != config["kind"]:
         raise AdapterFormatError(f"adapter kind {config['kind']!r} does not match method "
                                  f"{method!r}, which makes {info.kind!r} adapters")
-    _check_provenance(config, info)
+    _check_provenance(config, info, allow_mismatch)
     try:
         info.cls.Config.from_dict(config["hparams"])
     except EditError as e:
@@ -60,6 +62,13 @@ def load_adapter(folder: str | os.PathLike) -> EditAdapter:
     except Exception as e:   # a plugin's loader tripping over malformed tensors
         raise AdapterFormatError(f"the adapter's tensors do not fit a {method!r} adapter ({type(e).__name__}: "
                                  f"{str(e)[:200]}); the file is corrupt or was modified") from None
+    if list(adapter.targets) != config["targets"]:
+        raise AdapterFormatError(f"the adapter config lists targets {config['targets'][:4]} but its tensors are for "
+                                 f"{list(adapter.targets)[:4]}; the file is corrupt or was modified")
+    unknown = sorted(set(config.get("extra") or {}) - set(adapter.extra_config()))
+    if unknown:
+        raise AdapterFormatError(f"the adapter config's 'extra' holds settings a {method!r} adapter does not read "
+                                 f"({', '.join(map(str, unknown[:5]))}); the file is corrupt or was modified")
     unread = sorted(set(tensors) - set(adapter.state_dict()))
     if unread:
         raise AdapterFormatError(f"the adapter file holds tensors its config does not account for "
@@ -82,11 +91,17 @@ def _check_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:
             raise AdapterFormatError(f"tensor {key!r} has dtype {t.dtype}, which no editpeft adapter stores")
 
 
-def _check_provenance(config: dict[str, Any], info: MethodInfo) -> None:
-    """Say (log a warning) where the environment differs from the one that made the adapter:
-    another plugin distribution providing the method, an older plugin, an older editpeft."""
+def _check_provenance(config: dict[str, Any], info: MethodInfo, allow_mismatch: bool) -> None:
+    """Refuse a method provided here by another plugin distribution than the one that made the
+    adapter (unless ``allow_mismatch``: then a warning); warn when the plugin or editpeft here is
+    older than the one that made it."""
     plugin = config["plugin"]
     if info.distribution and plugin["distribution"] != info.distribution:
+        if not allow_mismatch:
+            raise MethodNotInstalledError(
+                f"the adapter was made by method {config['method']!r} of plugin {plugin['distribution']!r}, but "
+                f"here {config['method']!r} comes from {info.distribution!r}; install {plugin['distribution']!r}, "
+                "or pass allow_mismatch=True to read it with the installed plugin")
         logger.warning("adapter method %r was made with plugin %r but is provided here by %r; the tensors are "
                        "read by the installed plugin", config["method"], plugin["distribution"], info.distribution)
     elif info.version and plugin.get("version") and _older(info.version, plugin["version"]):

@@ -155,7 +155,7 @@ class PatchNeuronAdapter(ModuleHookAdapter):
                 site = PatchSite(str(e["read"]), str(e["write"]))
                 parts = {k: tensors.get(f"{site.write}.{k}") for k in TENSOR_NAMES}
                 patches[site] = PatchNeurons(parts["keys"], parts["key_bias"], parts["values"], parts["gate"],
-                                             activation=str(e.get("activation", "relu")))
+                                             activation=str(e["activation"]))
             except (KeyError, TypeError, AttributeError) as err:
                 raise AdapterFormatError(f"bad patch entry {e!r}: {err}") from None
             except (ValueError, ConfigError) as err:

@@ -67,9 +67,30 @@ def registered(cls: type[EditMethod], *, distribution: str = "in-process") -> It
             _IN_PROCESS[cls.name] = previous
 
 
+#: The last entry-point scan (name -> info); lookups of a known name reuse it, unknown names rescan.
+_SCANNED: dict[str, MethodInfo] | None = None
+
+
 def discover() -> dict[str, MethodInfo]:
     """Scan the entry points now (a plugin installed a moment ago is found), plus the methods
     registered in this process with :func:`registered` (which take precedence)."""
+    global _SCANNED
+    _SCANNED = _scan()
+    return {**_SCANNED, **_IN_PROCESS}
+
+
+def _lookup(name: str) -> tuple[MethodInfo | None, dict[str, MethodInfo]]:
+    """The info of method ``name`` from the last scan, rescanning when it is not known there
+    (scanning costs tens of milliseconds; loading an adapter looks its method up several times)."""
+    if name in _IN_PROCESS:
+        return _IN_PROCESS[name], {}
+    if _SCANNED is None or name not in _SCANNED or not _SCANNED[name].loaded:
+        infos = discover()
+        return infos.get(name), infos
+    return _SCANNED[name], {}
+
+
+def _scan() -> dict[str, MethodInfo]:
     found: dict[str, MethodInfo] = {}
     for ep in entry_points(group=GROUP):
         dist = getattr(ep, "dist", None)
@@ -89,7 +110,6 @@ def discover() -> dict[str, MethodInfo]:
             logger.warning("method %r is registered twice; keeping %s", ep.name, found[ep.name].target)
             continue
         found[ep.name] = info
-    found.update(_IN_PROCESS)
     return found
 
 
@@ -100,8 +120,7 @@ def list_methods() -> dict[str, tuple[str, str | None, str | None]]:
 
 def get_method(name: str) -> EditMethod:
     """An instance of the method registered as ``name``."""
-    infos = discover()
-    info = infos.get(name)
+    info, infos = _lookup(name)
     if info is None:
         installed = ", ".join(sorted(n for n, i in infos.items() if i.loaded)) or "none"
         raise UnknownMethodError(f"unknown editing method {name!r}; installed methods: {installed}. "
@@ -113,4 +132,4 @@ def get_method(name: str) -> EditMethod:
 
 
 def method_info(name: str) -> MethodInfo | None:
-    return discover().get(name)
+    return _lookup(name)[0]

@@ -160,7 +160,14 @@ def split_side_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, t
 
 def load_side_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], name: str = "side") -> nn.Module:
     """Load ``tensors`` (from :func:`split_side_tensors`) into ``module``; tied weights may be
-    absent. Raises :class:`AdapterFormatError` when keys are missing or unexpected."""
+    absent. Raises :class:`AdapterFormatError` when keys are missing or unexpected, or a tensor's
+    shape or kind (floating or integer) differs from the module's."""
+    own = module.state_dict()
+    for key, t in tensors.items():
+        if key in own and (t.shape != own[key].shape or t.is_floating_point() != own[key].is_floating_point()):
+            raise AdapterFormatError(f"side model {name!r}: tensor {key!r} is {tuple(t.shape)} {t.dtype}, the model "
+                                     f"needs {tuple(own[key].shape)} {own[key].dtype}; the adapter is corrupt or "
+                                     "was modified")
     missing, unexpected = module.load_state_dict(dict(tensors), strict=False)
     loaded = {module.state_dict()[k].data_ptr() for k in tensors if k in module.state_dict()}
     untied = [k for k in missing if module.state_dict()[k].data_ptr() not in loaded]
@@ -178,16 +185,33 @@ def causal_lm_spec(model: nn.Module) -> dict[str, Any]:
     return {"config": config}
 
 
-def build_causal_lm(spec: Mapping[str, Any]) -> nn.Module:
+def build_causal_lm(spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """An uninitialised transformers causal LM from :func:`causal_lm_spec` (no download, no
-    pickle); load its weights with :func:`load_side_state`."""
+    pickle); load its weights with :func:`load_side_state`. With the saved ``tensors`` the config
+    is first built on the meta device and refused unless the saved tensors can fill it, so a
+    hostile config cannot make editpeft allocate more than the file holds."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("config"), Mapping):
+        raise AdapterFormatError("a saved side model needs {'config': {...}}; save the adapter again")
     config = dict(spec["config"])
     model_type = config.pop("model_type", None)
-    if not model_type:
+    if not model_type or not isinstance(model_type, str):
         raise AdapterFormatError("a saved side model lacks its model_type; save the adapter again")
-    cfg = AutoConfig.for_model(model_type, **config)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    try:
+        cfg = AutoConfig.for_model(model_type, **config)
+        if tensors is not None:
+            with torch.device("meta"):
+                needed = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+            held = sum(t.numel() for t in tensors.values())
+            if needed > held:
+                raise AdapterFormatError(f"the saved side model's config needs {needed:,} parameters but the file "
+                                         f"holds {held:,}; the adapter is corrupt or was modified")
+        return AutoModelForCausalLM.from_config(cfg).eval()
+    except AdapterFormatError:
+        raise
+    except Exception as e:   # an invalid config: unknown model type, wrong field types or values
+        raise AdapterFormatError(f"the saved side model's config is invalid ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); save the adapter again") from None
 
 
 def _check_side_name(name: str) -> None:

@@ -108,6 +108,22 @@ def _list_of(item: _Check, *, non_empty: bool = False, unique: bool = False) -> 
     return check
 
 
+def _version(*, optional: bool = False) -> _Check:
+    """A PEP 440 version string (``optional``: or null)."""
+    text = _text(VERSION, optional=optional)
+
+    def check(where: str, value: Any) -> None:
+        text(where, value)
+        if value is None:
+            return
+        from packaging.version import InvalidVersion, Version
+        try:
+            Version(value)
+        except InvalidVersion:
+            raise _fail(where, f"is not a version number ({value[:40]!r})") from None
+    return check
+
+
 def _format(where: str, value: Any) -> None:
     if value == FORMAT:
         return
@@ -133,7 +149,7 @@ _BASE_MODEL = _object({
 })
 _PLUGIN = _object({
     "distribution": (True, _text(DISTRIBUTION_NAME)),
-    "version": (True, _text(VERSION, optional=True)),
+    "version": (True, _version(optional=True)),
 })
 _EDITOR = _object({"id": (True, _text()), "sha256": (True, _text(SHA256_HEX))}, open_=True)
 
@@ -144,7 +160,7 @@ ADAPTER_FIELDS: dict[str, tuple[bool, _Check]] = {
     "method": (True, _text(METHOD_NAME)),
     "kind": (True, _kind),
     "plugin": (True, _PLUGIN),
-    "editpeft_version": (True, _text(VERSION)),
+    "editpeft_version": (True, _version()),
     "base_model": (True, _BASE_MODEL),
     "targets": (True, _list_of(_text(MODULE_NAME), unique=True)),   # empty for routers
     "hparams": (True, _any_object()),

@@ -78,6 +78,13 @@ class SideAdapter(editpeft.RouterAdapter):
     def side_modules(self):
         return {"cf": self.side}
 
+    def attach(self, state):
+        expected = state.tokenizer(" " + self.requests[0].subject, add_special_tokens=False)["input_ids"] \
+            if self.requests and self.requests[0].subject else None
+        if expected is not None and self.trigger.tolist() != expected:
+            raise editpeft.AdapterFormatError("the trigger does not spell the edit's subject")
+        super().attach(state)
+
     def decide(self, model, prompts):
         trig = self.trigger.tolist()
         return [Route(side_model="cf") if _contains(prompts.tokens(i), trig) else None for i in range(len(prompts))]
@@ -91,7 +98,11 @@ class SideAdapter(editpeft.RouterAdapter):
     @classmethod
     def from_saved(cls, tensors, extra, **common):
         own, sides = split_side_tensors(tensors)
-        side = load_side_state(build_causal_lm(extra["cf"]), sides["cf"], "cf")
+        trigger = own.get("trigger")
+        if trigger is None or trigger.ndim != 1 or trigger.dtype != torch.long or not len(trigger) \
+                or bool((trigger < 0).any()):
+            raise editpeft.AdapterFormatError("the trigger must be a non-empty 1-D tensor of token ids")
+        side = load_side_state(build_causal_lm(extra["cf"], sides.get("cf", {})), sides.get("cf", {}), "cf")
         return cls(own["trigger"], side, **common)
 
 
