@@ -19,13 +19,14 @@ from .evaluation.runner import evaluate
 from .errors import (AdapterFormatError, BaseModelMismatchError, ConfigError, DatasetFormatError, DefaultModelMissingError,
                      EditError, EditOptimizationError, EditorFormatError, EditorRequiredError, InvalidRequestError,
                      MethodNotInstalledError, UnknownMethodError, UnsupportedModelError)
+from .merge import save_merged
 from .method import EditMethod, MethodConfig
 from .models import load_default_model
 from .registry import list_methods
 from .request import EditRequest
 
 __all__ = [
-    "__version__", "load_default_model", "enable_editing", "evaluate", "list_methods", "EditRequest",
+    "__version__", "load_default_model", "enable_editing", "evaluate", "list_methods", "EditRequest", "save_merged",
     "EditMethod", "MethodConfig", "EditAdapter", "WeightDeltaAdapter", "ModuleHookAdapter", "RouterAdapter",
     "EditError", "InvalidRequestError", "ConfigError", "UnknownMethodError", "MethodNotInstalledError",
     "UnsupportedModelError", "BaseModelMismatchError", "AdapterFormatError", "EditOptimizationError",

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from .errors import AdapterFormatError
+from .safe_paths import adapter_file
 
 #: The tags every editpeft card carries; each kind of card adds its own (method, "merged", "lora").
 COMMON_TAGS = ("editpeft", "knowledge-editing")
@@ -136,7 +137,6 @@ def _check_plain_yaml(front: str) -> None:
 
 def check_card(folder: Path, config: dict[str, Any]) -> None:
     """Refuse a README whose metadata contradicts ``edit_config.json`` (a tampered or mixed-up card)."""
-    from .io import adapter_file
     readme = adapter_file(Path(folder), "README.md", AdapterFormatError, "the adapter folder")
     if not readme.is_file():
         return

@@ -23,6 +23,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from .atomic import atomic_dir, write_text
 from .atomic import write_synced as _write
 from .errors import AdapterFormatError, EditError
+from .safe_paths import adapter_file
 from .schema import FORMAT, SHA256_HEX  # FORMAT re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,41 +79,6 @@ def save_adapter(adapter: "EditAdapter", path: str | os.PathLike, *, readme: boo
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 #: Largest tensors file read.
 MAX_TENSOR_BYTES = 64 * 1024 ** 3
-
-
-def adapter_file(folder: Path, name: str, error: type[EditError], what: str) -> Path:
-    """``folder / name`` if it is a regular file that stays inside ``folder``; a symbolic link is
-    followed only inside the folder, or, for a folder in a Hugging Face cache snapshot, into that
-    repo's ``blobs`` store (how the cache lays files out). Anything else is refused."""
-    path = folder / name
-    if path.is_symlink():
-        target = path.resolve()
-        inside = _is_within(target, folder.resolve()) or _is_within(target, _hf_blobs(folder))
-        if not inside:
-            raise error(f"{path} is a link to {str(target)!r}, outside {what}; refusing to read it. "
-                        "Copy the file into the folder if you meant it")
-    if path.exists() and not path.is_file():
-        raise error(f"{path} is not a regular file; {what} needs {name} as a file")
-    return path
-
-
-def _is_within(path: Path, root: Path | None) -> bool:
-    if root is None:
-        return False
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
-def _hf_blobs(folder: Path) -> Path | None:
-    """The ``blobs`` store of the HF cache repo whose snapshot holds ``folder`` (else None)."""
-    parts = folder.resolve().parts
-    for i in range(len(parts) - 2, 0, -1):
-        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--", "spaces--")):
-            return Path(*parts[:i]) / "blobs"
-    return None
 
 
 def _read_capped(path: Path, limit: int, error: type[EditError]) -> bytes:
