@@ -69,11 +69,13 @@ class Mutation:
     name: str
     apply: Callable[[Path], None]
     accept_path: str | None = None   # the config path it changes (for the accepted-by-design rule)
+    category: str = "config"         # config | tensors | files | card
 
 
 @dataclass
 class Outcome:
     mutation: str
+    category: str
     result: str          # "refused" | "accepted-by-design" | "FAILED"
     detail: str
     seconds: float
@@ -304,7 +306,14 @@ def all_mutations(folder: Path, outside: Path) -> list[Mutation]:
     """Every mutation of the adapter folder ``folder`` (see the generators above)."""
     config = _read_config(folder)
     tensors = load_bytes((folder / WEIGHTS_NAME).read_bytes())
-    return [*config_mutations(config), *tensor_mutations(tensors), *file_mutations(outside), *card_mutations()]
+    groups = {"config": config_mutations(config), "tensors": tensor_mutations(tensors),
+              "files": file_mutations(outside), "card": card_mutations()}
+    out = []
+    for category, mutations in groups.items():
+        for m in mutations:
+            m.category = category
+            out.append(m)
+    return out
 
 
 # -- running them --------------------------------------------------------------------------------
@@ -423,5 +432,5 @@ def _try_load(model, mutant: Path, mutation: Mutation, probes, expected, snapsho
         if not _same_state(model, snapshot):
             problems.append("removing it did not restore the weights")
     if problems:
-        return Outcome(mutation.name, "FAILED", "; ".join(problems) + f" [{detail}]", seconds, peak)
-    return Outcome(mutation.name, result, detail, seconds, peak)
+        return Outcome(mutation.name, mutation.category, "FAILED", "; ".join(problems) + f" [{detail}]", seconds, peak)
+    return Outcome(mutation.name, mutation.category, result, detail, seconds, peak)
