@@ -163,6 +163,10 @@ class EditableMixin:
         the default config. If anything fails, the model is left exactly as it was.
         """
         state = self._editpeft
+        _check_name(name)
+        if not isinstance(method, str):
+            raise EditError(f"method must be a method name such as 'rome', got {type(method).__name__}; "
+                            "editpeft.list_methods() lists the installed ones")
         reqs = as_request_list(requests)
         impl = get_method(method)
         existing = state.edits.get(name) if name is not None else None
@@ -345,6 +349,12 @@ def enable_editing(model: nn.Module, tokenizer, *, strict_conflicts: bool | None
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _check_name(name: Any) -> None:
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise EditError(f"an edit name must be a non-empty string (or None for a generated one), got "
+                        f"{type(name).__name__} {str(name)[:40]!r}")
+
+
 def _fresh_name(state: EditState, method: str) -> str:
     i = 0
     while f"{method}-{i}" in state.edits:

@@ -36,8 +36,12 @@ def toy_methods():
 
 
 def _attach(model, name, adapter):
+    """Attach a hand-built adapter with the provenance add_edit would stamp (so that it saves and
+    loads like any other)."""
     from editpeft.editable import _attach
-    adapter.base_model = {"model_type": model.config.model_type}
+    from editpeft.fingerprint import base_model_record
+    adapter.base_model = base_model_record(model, model.edit_state.fingerprint(adapter.targets))
+    adapter.plugin = {"distribution": "in-process", "version": None}
     _attach(model.edit_state, name, adapter)
     return adapter
 
