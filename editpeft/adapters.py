@@ -100,10 +100,13 @@ class EditAdapter(ABC):
             raise EditError("this adapter cannot be unmerged")
 
     # -- sharing ------------------------------------------------------------------------------
-    def save_pretrained(self, path: str, *, readme: bool = True) -> str:
-        """Write the adapter folder (``edit_config.json``, ``edit_model.safetensors``, README)."""
+    def save_pretrained(self, path: str | os.PathLike, *, readme: bool = True, overwrite: bool = False) -> str:
+        """Write the adapter folder (``edit_config.json``, ``edit_model.safetensors``, README).
+
+        Into a new, empty or adapter folder; a folder with other files is refused unless
+        ``overwrite=True`` (they are then kept). See :func:`editpeft.io.save_adapter`."""
         from .io import save_adapter
-        return save_adapter(self, path, readme=readme)
+        return save_adapter(self, path, readme=readme, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, private: bool | None = None,
                     commit_message: str | None = None, token: str | None = None) -> str:

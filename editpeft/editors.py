@@ -59,7 +59,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import (BaseModelMismatchError, ConfigError, EditError, EditOptimizationError, EditorFormatError,
                      MethodNotInstalledError)
-from .atomic import atomic_dir, write_bytes
+from .atomic import atomic_dir, write_folder_files
 from .fingerprint import base_model_record, check_base_model, model_fingerprint
 from .method import computing
 from .request import EditRequest
@@ -574,9 +574,9 @@ def _seeded(seed: int, model, tag: str) -> Iterator[None]:
 
 
 def _write_files(dest: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` into ``dest``, each atomically (temporary name, then renamed into place)."""
-    for name, data in files.items():
-        write_bytes(dest / name, data)
+    """Write ``files`` into ``dest`` under the folder's lock, each atomically; the folder's other
+    files (a training run's checkpoints) are kept."""
+    write_folder_files(dest, files, own=tuple(files), overwrite=True)
 
 
 def _checkpoints(out: Path) -> list[Path]:

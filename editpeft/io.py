@@ -20,8 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from .atomic import atomic_dir, write_text
-from .atomic import write_synced as _write
+from .atomic import folder_lock, write_folder_files
 from .errors import AdapterFormatError, EditError
 from .safe_paths import adapter_file
 from .schema import FORMAT, SHA256_HEX  # FORMAT re-exported
@@ -58,20 +57,45 @@ def adapter_config(adapter: "EditAdapter", tensors_sha256: str) -> dict[str, Any
     }
 
 
-def save_adapter(adapter: "EditAdapter", path: str | os.PathLike, *, readme: bool = True) -> str:
-    """Write ``adapter`` to folder ``path`` atomically; returns the folder path."""
+#: The files an adapter folder consists of (and the only ones a save writes or replaces).
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, README_NAME)
+
+
+def save_adapter(adapter: "EditAdapter", path: str | os.PathLike, *, readme: bool = True,
+                 overwrite: bool = False) -> str:
+    """Write ``adapter`` into folder ``path``; returns the folder path.
+
+    The folder may be new, empty, or hold an adapter (its files are replaced); a folder holding
+    anything else is refused unless ``overwrite=True``, which writes the adapter's three files next
+    to the others and leaves those untouched. A link to a folder is written through. Files are
+    replaced under the folder's lock, so readers and concurrent writers see one whole adapter.
+    The config is validated before anything is written: a save never produces a folder that
+    would not load.
+    """
     from .card import render_model_card
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    from .schema import validate_adapter_config
     blob = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()})
     config = adapter_config(adapter, hashlib.sha256(blob).hexdigest())
-    if dest.exists() and not dest.is_dir():
-        raise AdapterFormatError(f"{str(dest)!r} exists and is not a folder")
-    with atomic_dir(dest) as tmp:
-        _write(tmp / WEIGHTS_NAME, blob)
-        _write(tmp / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False).encode())
-        if readme:
-            _write(tmp / README_NAME, render_model_card(config).encode())
+    try:
+        validate_adapter_config(json.loads(json.dumps(config)))
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"this adapter cannot be saved: {getattr(e, 'problem', e)}. Adapters made by "
+                                 "model.add_edit or load_edit carry everything needed") from None
+    files = {WEIGHTS_NAME: blob, CONFIG_NAME: json.dumps(config, indent=2, ensure_ascii=False).encode()}
+    if readme:
+        files[README_NAME] = render_model_card(config).encode()
+    try:
+        dest = write_folder_files(path, files, own=ADAPTER_FILES, overwrite=overwrite, remove=ADAPTER_FILES)
+    except FileExistsError as e:
+        names = e.args[0] if e.args and isinstance(e.args[0], list) else []
+        raise AdapterFormatError(f"{str(path)!r} holds other files than an adapter's ({', '.join(names[:5])}"
+                                 f"{', ...' if len(names) > 5 else ''}); save into a new or empty folder, or pass "
+                                 "overwrite=True to write the adapter's files next to them (they are kept)") from None
+    except (NotADirectoryError, FileNotFoundError) as e:
+        raise AdapterFormatError(f"cannot save the adapter there: {e}; choose a folder path") from None
+    except OSError as e:
+        raise AdapterFormatError(f"saving the adapter to {str(path)!r} failed ({e.strerror or e}); nothing was "
+                                 "changed there") from None
     return str(dest)
 
 
@@ -97,6 +121,13 @@ def read_verified_folder(folder: str | os.PathLike, *, config_name: str, weights
     folder = Path(folder)
     if not folder.is_dir():
         raise error(f"{str(folder)!r} is not {what} (it does not exist)")
+    with folder_lock(folder, shared=True):        # a concurrent save never shows us half its files
+        return _read_verified(folder, config_name, weights_name, fmt, required, error, what, how_to_fix, validate)
+
+
+def _read_verified(folder: Path, config_name: str, weights_name: str, fmt: str, required: Sequence[str],
+                   error: type[EditError], what: str, how_to_fix: str,
+                   validate: Callable[[Any], Any] | None) -> tuple[dict[str, Any], dict]:
     cfg_path, w_path = (adapter_file(folder, n, error, what) for n in (config_name, weights_name))
     for p in (cfg_path, w_path):
         if not p.is_file():
@@ -146,5 +177,5 @@ def save_metrics(folder: str | os.PathLike, metrics: dict[str, Any]) -> None:
     config, _ = read_adapter_files(folder)
     config["metrics"] = dict(metrics)
     card = render_model_card(config)        # rendered first: a failure here writes nothing
-    write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, ensure_ascii=False))
-    write_text(folder / README_NAME, card)
+    write_folder_files(folder, {CONFIG_NAME: json.dumps(config, indent=2, ensure_ascii=False).encode(),
+                                README_NAME: card.encode()}, own=ADAPTER_FILES, overwrite=True)

@@ -38,8 +38,10 @@ _Check = Callable[[str, Any], None]
 
 
 def _fail(where: str, what: str) -> AdapterFormatError:
-    return AdapterFormatError(f"edit_config.json: {where} {what}; the file is corrupt or was modified "
-                              "(download it again or save the adapter again with save_pretrained)")
+    error = AdapterFormatError(f"edit_config.json: {where} {what}; the file is corrupt or was modified "
+                               "(download it again or save the adapter again with save_pretrained)")
+    error.problem = f"{where} {what}"     # the bare finding, for callers that phrase their own advice
+    return error
 
 
 def _type_name(value: Any) -> str:

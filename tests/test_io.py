@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+import editpeft
 import editpeft.io as eio
 from editpeft import EditRequest
 
@@ -18,7 +19,9 @@ def test_folder_contents(tiny, tmp_path):
     adapter = model.add_edit("rome", REQ, name="eiffel", config=ROME)
     adapter.save_pretrained(tmp_path / "eiffel")
     files = sorted(p.name for p in (tmp_path / "eiffel").iterdir())
-    assert files == ["README.md", "edit_config.json", "edit_model.safetensors"]
+    # the three files, and the (empty, hidden) lock file that readers and writers share
+    assert files == [".editpeft.lock", "README.md", "edit_config.json", "edit_model.safetensors"]
+    assert (tmp_path / "eiffel" / ".editpeft.lock").stat().st_size == 0
     cfg = json.loads((tmp_path / "eiffel" / "edit_config.json").read_text())
     assert cfg["format"] == "editpeft/1" and cfg["method"] == "rome" and cfg["kind"] == "weight_delta"
     assert cfg["plugin"]["distribution"] == "editpeft"
@@ -32,6 +35,7 @@ def test_folder_contents(tiny, tmp_path):
 
 
 def test_crash_while_writing_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    import editpeft.atomic as atomic
     model, _ = tiny
     adapter = model.add_edit("rome", REQ, name="e", config=ROME)
     adapter.save_pretrained(tmp_path / "e")
@@ -41,13 +45,13 @@ def test_crash_while_writing_leaves_no_folder(tiny, tmp_path, monkeypatch):
     def failing_write(path, data):
         calls.append(path)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(28, "No space left on device")
         return original(path, data)
-    original = eio._write
-    monkeypatch.setattr(eio, "_write", failing_write)
-    with pytest.raises(OSError, match="disk full"):
+    original = atomic.write_synced
+    monkeypatch.setattr(atomic, "write_synced", failing_write)
+    with pytest.raises(editpeft.AdapterFormatError, match="No space left"):
         adapter.save_pretrained(tmp_path / "e")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(editpeft.AdapterFormatError, match="No space left"):
         calls.clear()
         adapter.save_pretrained(tmp_path / "new")
     assert not (tmp_path / "new").exists()
