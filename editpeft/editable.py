@@ -235,11 +235,17 @@ class EditableMixin:
 
     def load_edit(self, path_or_repo: str | os.PathLike, *, name: str | None = None,
                   revision: str | None = None, subfolder: str | None = None,
-                  allow_mismatch: bool = False) -> EditAdapter:
-        """Load an adapter folder (or a Hub repo ``user/repo``) and attach it on top of the stack."""
+                  allow_mismatch: bool = False, force_download: bool = False) -> EditAdapter:
+        """Load an adapter folder (or a Hub repo ``user/repo``) and attach it on top of the stack.
+
+        ``allow_mismatch=True`` attaches an adapter made on other base weights, or by another plugin
+        distribution of its method (with a warning); ``force_download=True`` fetches a Hub repo's
+        files again even if the cache has them (after a download that failed its hash check)."""
         from .loading import load_adapter, resolve_adapter_dir
         state = self._editpeft
-        folder = resolve_adapter_dir(path_or_repo, revision=revision, subfolder=subfolder)
+        _check_name(name)
+        folder = resolve_adapter_dir(path_or_repo, revision=revision, subfolder=subfolder,
+                                     force_download=force_download)
         adapter = load_adapter(folder, allow_mismatch=allow_mismatch)
         name = name or adapter.name or _fresh_name(state, adapter.method)
         if name in state.edits:

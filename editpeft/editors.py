@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "editpeft-editor/1"
 CONFIG_NAME = "editor_config.json"
 WEIGHTS_NAME = "editor_model.safetensors"
+#: The files an editor folder publishes (a training run's checkpoints stay local).
+EDITOR_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 README_NAME = "README.md"
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
@@ -196,7 +198,7 @@ class Editor:
             keep = self.id
             self.save_pretrained(folder)
             self.id = keep
-            return upload(folder, repo_id, subfolder=subfolder, private=private, token=token,
+            return upload(folder, repo_id, files=EDITOR_FILES, subfolder=subfolder, private=private, token=token,
                           commit_message=commit_message or f"Add {self.method} editor")
 
     @classmethod
@@ -225,17 +227,19 @@ def read_editor_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
 
 
 def resolve_editor_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None,
-                       subfolder: str | None = None) -> tuple[Path, str]:
-    """(local folder, editor id) for a folder or a Hub repo id (downloaded into the HF cache)."""
-    local = Path(path_or_repo) / subfolder if subfolder else Path(path_or_repo)
-    if local.exists():
+                       subfolder: str | None = None, force_download: bool = False) -> tuple[Path, str]:
+    """(local folder, editor id) for a folder or a Hub repo id (downloaded into the HF cache);
+    ``subfolder`` must stay inside the folder or the downloaded snapshot."""
+    from .hub import check_subfolder, folder_inside, snapshot
+    if Path(path_or_repo).exists():
+        local = folder_inside(Path(path_or_repo), subfolder)
         return local, local.name
     text = str(path_or_repo)
     if text.count("/") == 1 and not text.startswith((".", "/")):
-        from .hub import snapshot
+        subfolder = check_subfolder(subfolder)
         patterns = [f"{subfolder}/*"] if subfolder else ["*.json", "*.safetensors", "*.md"]
-        root = snapshot(text, revision=revision, allow_patterns=patterns)
-        folder = root / subfolder if subfolder else root
+        root = snapshot(text, revision=revision, allow_patterns=patterns, force_download=force_download)
+        folder = folder_inside(root, subfolder)
         if not (folder / CONFIG_NAME).is_file():
             raise EditorFormatError(f"Hub repo {text!r}{f' folder {subfolder!r}' if subfolder else ''} holds no "
                                     f"editpeft editor (no {CONFIG_NAME})")
@@ -244,20 +248,21 @@ def resolve_editor_dir(path_or_repo: str | os.PathLike, *, revision: str | None 
 
 
 def load_editor(path_or_repo: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None,
-                model=None, tokenizer=None, allow_mismatch: bool = False) -> Editor:
+                model=None, tokenizer=None, allow_mismatch: bool = False, force_download: bool = False) -> Editor:
     """Load a trained editor from a folder or a Hub repo ``user/repo`` (offline: the HF cache).
 
     The tensors' hash, dtypes and finiteness are checked here; with ``model`` (and ``tokenizer``)
     also the base-model fingerprint and the shapes the method expects on that model (``add_edit``
     does both in any case). ``allow_mismatch=True`` accepts a fingerprint mismatch, here and when
-    the editor is used.
+    the editor is used; ``force_download=True`` fetches a Hub repo's files again.
 
     Example:
         >>> editor = load_editor("user/mend-smollm2", model=model, tokenizer=tok)   # doctest: +SKIP
     """
     from .card import check_card
     from .registry import method_info
-    folder, editor_id = resolve_editor_dir(path_or_repo, revision=revision, subfolder=subfolder)
+    folder, editor_id = resolve_editor_dir(path_or_repo, revision=revision, subfolder=subfolder,
+                                           force_download=force_download)
     config, tensors = read_editor_files(folder)
     try:
         check_card(folder, config)
@@ -265,9 +270,12 @@ def load_editor(path_or_repo: str | os.PathLike, *, revision: str | None = None,
         raise EditorFormatError(str(e).replace("edit_config.json", CONFIG_NAME)) from None
     info = method_info(config["method"])
     if info is None or not info.loaded:
-        dist = (config.get("plugin") or {}).get("distribution") or f"the plugin providing {config['method']!r}"
-        raise MethodNotInstalledError(f"editor {editor_id!r} is for method {config['method']!r}, which is not "
-                                      f"installed; install it with: pip install {dist}")
+        from .schema import DISTRIBUTION_NAME
+        dist = (config.get("plugin") or {}).get("distribution")
+        hint = (f"install it with: pip install {dist}" if isinstance(dist, str) and DISTRIBUTION_NAME.fullmatch(dist)
+                else "its plugin field names no valid distribution, so install the plugin that provides it")
+        raise MethodNotInstalledError(f"editor {editor_id!r} is for method {str(config['method'])[:60]!r}, which "
+                                      f"is not installed; {hint}")
     editor = (info.cls.editor_class or Editor).from_saved(config, tensors)
     editor.id = editor_id
     editor.allow_mismatch = allow_mismatch
@@ -322,9 +330,8 @@ def push_editor_folder(folder: str | os.PathLike, repo_id: str, *, subfolder: st
     """Upload a saved editor folder (verified first; a training run's checkpoints stay local)."""
     from .hub import upload
     editor = load_editor(folder)
-    return upload(folder, repo_id, subfolder=subfolder, private=private, token=token,
-                  commit_message=commit_message or f"Add {editor.method} editor",
-                  ignore_patterns=[f"{CHECKPOINTS}/*", ".*"])
+    return upload(folder, repo_id, files=EDITOR_FILES, subfolder=subfolder, private=private, token=token,
+                  commit_message=commit_message or f"Add {editor.method} editor")
 
 
 # -- training ----------------------------------------------------------------------------------------

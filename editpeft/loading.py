@@ -123,15 +123,15 @@ def _older(installed: str, recorded: str) -> bool:
 
 
 def resolve_adapter_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None,
-                        subfolder: str | None = None) -> Path:
-    """A local adapter folder for a path, or for a Hub repo id (downloaded into the HF cache)."""
+                        subfolder: str | None = None, force_download: bool = False) -> Path:
+    """A local adapter folder for a path, or for a Hub repo id (downloaded into the HF cache);
+    ``subfolder`` must stay inside the folder or the downloaded snapshot. ``force_download``
+    fetches a Hub repo's files again even if the cache has them."""
+    from .hub import download_adapter, folder_inside
     local = Path(path_or_repo)
-    if subfolder:
-        local = local / subfolder
     if local.exists():
-        return local
+        return folder_inside(local, subfolder)
     text = str(path_or_repo)
     if text.count("/") == 1 and not text.startswith((".", "/")):
-        from .hub import download_adapter
-        return download_adapter(text, revision=revision, subfolder=subfolder)
-    raise AdapterFormatError(f"{text!r} is neither an adapter folder nor a Hub repo id ('user/repo')")
+        return download_adapter(text, revision=revision, subfolder=subfolder, force_download=force_download)
+    raise AdapterFormatError(f"{text[:200]!r} is neither an adapter folder nor a Hub repo id ('user/repo')")
