@@ -21,12 +21,14 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 import time
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
 from .errors import EditError
+from .text import printable
 
 
 def _load_model(path: str | None, device_map: str | None = None, dtype: str | None = None):
@@ -104,12 +106,13 @@ def cmd_inspect(args) -> int:
     from .io import read_adapter_files
     from .loading import resolve_adapter_dir
     from .editors import CONFIG_NAME as EDITOR_CONFIG
+    from .hub import folder_inside
     from .registry import method_info
-    local = Path(args.adapter) / args.subfolder if args.subfolder else Path(args.adapter)
-    if (local / EDITOR_CONFIG).is_file():
+    if Path(args.adapter).exists() and (folder_inside(Path(args.adapter), args.subfolder) / EDITOR_CONFIG).is_file():
         return _inspect_editor(args)
     try:
-        folder = resolve_adapter_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+        folder = resolve_adapter_dir(args.adapter, revision=args.revision, subfolder=args.subfolder,
+                                     force_download=args.force_download)
     except EditError as e:
         if "no editpeft adapter" in str(e) or "has no adapter folder" in str(e):
             return _inspect_editor(args)     # a Hub repo holding a trained editor
@@ -126,28 +129,31 @@ def cmd_inspect(args) -> int:
         card = "consistent with edit_config.json" if (folder / "README.md").is_file() else "none"
     except EditError as e:
         card = f"INCONSISTENT: {e}"
-    print(f"adapter        {folder}")
-    print(f"name           {config.get('name')}")
-    print(f"method         {config['method']} ({config['kind']}), {installed}")
-    print(f"plugin         {plugin.get('distribution')} {plugin.get('version')}")
-    print(f"made with      editpeft {config.get('editpeft_version')} ({config['format']})")
-    print(f"base model     {base.get('name_or_path')} ({base.get('model_type')}), licence {base.get('license')}")
-    print(f"fingerprint    {base.get('fingerprint')}")
-    print(f"tensors sha256 {config.get('tensors_sha256')} (verified)")
-    print(f"model card     {card}")
-    print(f"targets        {', '.join(config['targets'])}")
+    # everything below comes from the file: escaped (printable) so that it is data, never terminal control
+    show = printable
+    print(f"adapter        {show(folder)}")
+    print(f"name           {show(config.get('name'))}")
+    print(f"method         {show(config['method'])} ({show(config['kind'])}), {installed}")
+    print(f"plugin         {show(plugin.get('distribution'))} {show(plugin.get('version'))}")
+    print(f"made with      editpeft {show(config.get('editpeft_version'))} ({show(config['format'])})")
+    print(f"base model     {show(base.get('name_or_path'))} ({show(base.get('model_type'))}), licence "
+          f"{show(base.get('license'))}")
+    print(f"fingerprint    {show(base.get('fingerprint'))}")
+    print(f"tensors sha256 {show(config.get('tensors_sha256'))} (verified)")
+    print(f"model card     {show(card)}")
+    print(f"targets        {show(', '.join(config['targets']))}")
     total = 0
     for key, t in tensors.items():
         total += t.numel() * t.element_size()
-        print(f"  {key:<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', '')}")
+        print(f"  {show(key):<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', '')}")
     print(f"tensor bytes   {total:,}")
-    print(f"hparams        {json.dumps(config['hparams'])}")
+    print(f"hparams        {show(json.dumps(config['hparams']))}")
     print(f"requests       {len(config['requests'])}")
     for r in config["requests"]:
-        old = f"{r.get('target_true')} -> " if r.get("target_true") else ""
-        print(f"  [{r.get('subject')}] {r['prompt']!r}: {old}{r['target_new']!r}")
+        old = f"{show(r.get('target_true'))} -> " if r.get("target_true") else ""
+        print(f"  [{show(r.get('subject'))}] {show(repr(r['prompt']))}: {old}{show(repr(r['target_new']))}")
     if config.get("metrics"):
-        print("metrics        " + json.dumps(config["metrics"]))
+        print("metrics        " + show(json.dumps(config["metrics"])))
     return 0
 
 
@@ -155,24 +161,28 @@ def _inspect_editor(args) -> int:
     """Print a trained editor's provenance and tensors (hash verified; no model is loaded)."""
     from .editors import read_editor_files, resolve_editor_dir
     from .registry import method_info
-    folder, editor_id = resolve_editor_dir(args.adapter, revision=args.revision, subfolder=args.subfolder)
+    folder, editor_id = resolve_editor_dir(args.adapter, revision=args.revision, subfolder=args.subfolder,
+                                           force_download=args.force_download)
     config, tensors = read_editor_files(folder)
-    base, plugin, training = (config.get(k) or {} for k in ("base_model", "plugin", "training"))
-    info = method_info(config["method"])
-    print(f"editor         {editor_id} ({folder})")
-    print(f"method         {config['method']}, {'installed' if info is not None and info.loaded else 'NOT installed'}")
-    print(f"plugin         {plugin.get('distribution')} {plugin.get('version')}")
-    print(f"made with      editpeft {config.get('editpeft_version')} ({config['format']})")
-    print(f"base model     {base.get('name_or_path')} ({base.get('model_type')})")
-    print(f"fingerprint    {base.get('fingerprint')} over {', '.join(config.get('targets') or [])}")
-    print(f"tensors sha256 {config['tensors_sha256']} (verified)")
-    print(f"trained on     {training.get('data')} (sha256 {training.get('data_sha256')}), "
-          f"{training.get('records')} records, {training.get('steps')} steps, seed {training.get('seed')}")
+    base, plugin, training = (config.get(k) if isinstance(config.get(k), dict) else {}
+                              for k in ("base_model", "plugin", "training"))
+    info = method_info(str(config["method"]))
+    show = printable        # every field comes from the file: escaped, never terminal control
+    print(f"editor         {show(editor_id)} ({show(folder)})")
+    print(f"method         {show(config['method'])}, "
+          f"{'installed' if info is not None and info.loaded else 'NOT installed'}")
+    print(f"plugin         {show(plugin.get('distribution'))} {show(plugin.get('version'))}")
+    print(f"made with      editpeft {show(config.get('editpeft_version'))} ({show(config['format'])})")
+    print(f"base model     {show(base.get('name_or_path'))} ({show(base.get('model_type'))})")
+    print(f"fingerprint    {show(base.get('fingerprint'))} over {show(', '.join(map(str, config.get('targets') or [])))}")
+    print(f"tensors sha256 {show(config['tensors_sha256'])} (verified)")
+    print(f"trained on     {show(training.get('data'))} (sha256 {show(training.get('data_sha256'))}), "
+          f"{show(training.get('records'))} records, {show(training.get('steps'))} steps, seed {show(training.get('seed'))}")
     for key, t in tensors.items():
-        print(f"  {key:<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', '')}")
-    print(f"hparams        {json.dumps(config['hparams'])}")
+        print(f"  {show(key):<40} {str(tuple(t.shape)):<16} {str(t.dtype).replace('torch.', '')}")
+    print(f"hparams        {show(json.dumps(config['hparams']))}")
     if training.get("metrics"):
-        print("metrics        " + json.dumps(training["metrics"]))
+        print("metrics        " + show(json.dumps(training["metrics"])))
     return 0
 
 
@@ -180,7 +190,7 @@ def cmd_merge(args) -> int:
     from .merge import save_merged
     model, tok = _load_model(args.model)
     for path in args.edit:
-        model.load_edit(path, allow_mismatch=args.allow_mismatch)
+        model.load_edit(path, allow_mismatch=args.allow_mismatch, force_download=args.force_download)
     out = save_merged(model, tok, args.out)
     print(f"merged {len(args.edit)} edit(s) into {out}")
     return 0
@@ -207,7 +217,7 @@ def cmd_export_lora(args) -> int:
     """Export saved weight-delta adapters (summed, in order) as one PEFT LoRA folder; no model is loaded."""
     from .loading import load_adapter, resolve_adapter_dir
     from .lora_export import export_peft_lora
-    adapters = [load_adapter(resolve_adapter_dir(e)) for e in args.edit]
+    adapters = [load_adapter(resolve_adapter_dir(e, force_download=args.force_download)) for e in args.edit]
     out = export_peft_lora(adapters, args.out, base_model_name_or_path=args.base_model)
     print(f"wrote a PEFT LoRA adapter to {out} (load it with peft.PeftModel.from_pretrained)")
     return 0
@@ -332,7 +342,7 @@ def cmd_stats(args) -> int:
 def cmd_generate(args) -> int:
     model, tok = _load_model(args.model)
     for path in args.edit or []:
-        model.load_edit(path, allow_mismatch=args.allow_mismatch)
+        model.load_edit(path, allow_mismatch=args.allow_mismatch, force_download=args.force_download)
     print(args.prompt + _generate(model, tok, args.prompt, args.max_new_tokens))
     return 0
 
@@ -388,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="editpeft", description="Knowledge edits as adapters.")
     ap.add_argument("--version", action="version", version=f"editpeft {__version__}")
     ap.add_argument("-v", "--log-level", default="WARNING", help="logging level (INFO shows progress details)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (else one line)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list installed editing methods")
@@ -421,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--model")
     p.add_argument("--allow-mismatch", action="store_true")
+    p.add_argument("--force-download", action="store_true", help="fetch Hub adapters again even if cached")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate methods on a dataset (single, batch or sequential editing)")
@@ -464,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--revision")
     p.add_argument("--subfolder")
+    p.add_argument("--force-download", action="store_true",
+                   help="fetch a Hub repo's files again even if the cache has them")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("merge", help="bake weight-delta edits into a plain transformers model folder")
@@ -471,10 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model folder (default: the embedded model)")
     p.add_argument("--out", required=True)
     p.add_argument("--allow-mismatch", action="store_true")
+    p.add_argument("--force-download", action="store_true", help="fetch Hub adapters again even if cached")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export-lora", help="export weight-delta edits as a standard PEFT LoRA adapter")
     p.add_argument("--edit", action="append", required=True, help="adapter folder or Hub repo (repeatable)")
+    p.add_argument("--force-download", action="store_true", help="fetch Hub adapters again even if cached")
     p.add_argument("--out", required=True)
     p.add_argument("--base-model", help="base_model_name_or_path to record (default: the adapters')")
     p.set_defaults(func=cmd_export_lora)
@@ -522,12 +538,28 @@ def _lazy_epilog(parser: argparse.ArgumentParser, make) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; an error is one escaped line on stderr and exit code 2 (the traceback
+    with ``--debug``), an interruption exit code 130."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    except ValueError:
+        print(f"error: unknown log level {printable(args.log_level)!r} (use DEBUG, INFO, WARNING or ERROR)",
+              file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except EditError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:   # noqa: BLE001 (the CLI's one place that turns errors into a line)
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(e, EditError):
+            print(f"error: {printable(e)}", file=sys.stderr)
+        else:
+            print(f"error: {type(e).__name__}: {printable(e)} (an unexpected error; run with --debug for the "
+                  "traceback and report it)", file=sys.stderr)
         return 2
 
 
