@@ -18,7 +18,7 @@ from .editors import Editor, load_editor, train_editor
 from .evaluation.runner import evaluate
 from .errors import (AdapterFormatError, BaseModelMismatchError, ConfigError, DatasetFormatError, DefaultModelMissingError,
                      EditError, EditOptimizationError, EditorFormatError, EditorRequiredError, InvalidRequestError,
-                     MethodNotInstalledError, UnknownMethodError, UnsupportedModelError)
+                     MethodFailedError, MethodNotInstalledError, UnknownMethodError, UnsupportedModelError)
 from .merge import save_merged
 from .method import EditMethod, MethodConfig
 from .models import load_default_model
@@ -29,7 +29,7 @@ __all__ = [
     "__version__", "load_default_model", "enable_editing", "evaluate", "list_methods", "EditRequest", "save_merged",
     "EditMethod", "MethodConfig", "EditAdapter", "WeightDeltaAdapter", "ModuleHookAdapter", "RouterAdapter",
     "EditError", "InvalidRequestError", "ConfigError", "UnknownMethodError", "MethodNotInstalledError",
-    "UnsupportedModelError", "BaseModelMismatchError", "AdapterFormatError", "EditOptimizationError",
+    "UnsupportedModelError", "BaseModelMismatchError", "MethodFailedError", "AdapterFormatError", "EditOptimizationError",
     "DefaultModelMissingError", "DatasetFormatError",
     "Editor", "train_editor", "load_editor", "EditorFormatError", "EditorRequiredError",
 ]

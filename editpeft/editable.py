@@ -27,11 +27,12 @@ from .attach import ModuleSlot
 from .caches import ModelCaches
 from .routing import RoutingState, routed_forward, routed_generate
 from .conflicts import Conflict, find_conflicts
-from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError
+from .errors import BaseModelMismatchError, EditError, EditOptimizationError, InvalidRequestError, MethodFailedError
 from .fingerprint import base_model_record, check_base_model, model_fingerprint
 from .method import computing
 from .registry import get_method, method_info
 from .request import EditRequest, as_request_list
+from .tokens import check_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +192,19 @@ class EditableMixin:
             trained, config = editor_for_edit(impl, self, state.tokenizer, editor, config)
             extra = {"editor": trained}   # passed only to methods that use an editor
         cfg = impl.resolve_config(self, config)
-        with computing(self):
-            if existing is not None:
-                adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg, **extra)
-            else:
-                adapter = impl.compute(self, state.tokenizer, reqs, cfg, **extra)
+        check_lengths(self, state.tokenizer, reqs)
+        try:
+            with computing(self):
+                if existing is not None:
+                    adapter = impl.extend(existing, self, state.tokenizer, reqs, cfg, **extra)
+                else:
+                    adapter = impl.compute(self, state.tokenizer, reqs, cfg, **extra)
+        except EditError:
+            raise
+        except Exception as e:   # a method's bug or an input it does not handle: still an EditError
+            raise MethodFailedError(f"method {impl.name!r} failed ({type(e).__name__}: {str(e)[:300]}); the model "
+                                    "was left unchanged. Check the request and config; if they are right, report "
+                                    "it to the plugin's authors") from e
         if not isinstance(adapter, EditAdapter) or adapter.kind != impl.kind:
             raise EditError(f"plugin method {impl.name!r} returned {adapter!r}, not a {impl.kind} adapter")
         _check_finite(adapter, impl.name)

@@ -38,6 +38,11 @@ class EditOptimizationError(EditError, ArithmeticError):
     """An edit's optimisation diverged (NaN or inf); the model was left unchanged."""
 
 
+class MethodFailedError(EditError, RuntimeError):
+    """A method's computation raised an unexpected error (a bug in it, or an input it does not
+    handle); the model was left unchanged. The original exception is chained (``__cause__``)."""
+
+
 class DefaultModelMissingError(EditError, ImportError):
     """The embedded default model package is not installed."""
 

@@ -115,7 +115,9 @@ class TargetBatch:
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             return cls.build_seq2seq(tokenizer, prompts, targets, subject_spans,
                                      decoder_start=decoder_start_id(model), device=device)
-        return cls.build(tokenizer, prompts, targets, subject_spans, device=device)
+        batch = cls.build(tokenizer, prompts, targets, subject_spans, device=device)
+        _check_positions(model, batch, prompts)
+        return batch
 
     @staticmethod
     def _encode(tokenizer, prompts, targets, subject_spans):
@@ -216,6 +218,48 @@ class TargetBatch:
         lps = self.target_logprobs(logits, kept)
         rows = [i for i, t in enumerate(self.target_ids) if t] if rows is None else rows
         return torch.stack([-lps[i].mean() for i in rows]).mean()
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a model can read when its positions are a fixed table (GPT-2's and
+    GPT-J's ``n_positions``, OPT's learned ``max_position_embeddings``); None for rotary or
+    relative positions, which extend past the configured length."""
+    if isinstance(getattr(config, "n_positions", None), int):
+        return config.n_positions
+    if getattr(config, "model_type", None) == "opt":
+        return getattr(config, "max_position_embeddings", None)
+    return None
+
+
+#: Room left for what methods put before a prompt (ROME's and MEMIT's sampled context prefixes).
+PREFIX_ROOM = 16
+
+
+def check_lengths(model, tokenizer, requests) -> None:
+    """Refuse requests whose prompt and target (plus :data:`PREFIX_ROOM`) do not fit a model with
+    a fixed position table, before any method runs."""
+    from .errors import InvalidRequestError
+    limit = position_limit(getattr(model, "config", None))
+    if limit is None:
+        return
+    for r in requests:
+        for prompt in (r.prompt, *r.paraphrases):
+            n = len(tokenizer(prompt)["input_ids"]) + len(target_token_ids(tokenizer, prompt, r.target_new))
+            if n + PREFIX_ROOM > limit:
+                raise InvalidRequestError(f"prompt {prompt[:60]!r}... is {n} tokens with its target; this model reads "
+                                          f"{limit} positions and methods add up to {PREFIX_ROOM} before the prompt: "
+                                          "shorten the prompt")
+
+
+def _check_positions(model, batch: "TargetBatch", prompts: Sequence[str]) -> None:
+    from .errors import InvalidRequestError
+    limit = position_limit(getattr(model, "config", None))
+    if limit is None or batch.input_ids.shape[1] <= limit:
+        return
+    lengths = batch.attention_mask.sum(-1).tolist()
+    row = max(range(len(lengths)), key=lambda i: lengths[i])
+    raise InvalidRequestError(f"prompt {prompts[row][:60]!r}... is {int(lengths[row])} tokens with its target, more than "
+                              f"the {limit} positions this model reads; shorten the prompt")
 
 
 def next_token_logits(model, tokenizer, prompts: Sequence[str], device=None) -> torch.Tensor:

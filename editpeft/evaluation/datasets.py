@@ -92,7 +92,10 @@ class _Record:
 
     def request(self, prompt: str, target_new: str, subject: str | None, target_true: str | None) -> EditRequest:
         try:
-            return EditRequest(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true)
+            if subject is None:
+                return EditRequest(prompt=prompt, target_new=target_new, target_true=target_true)
+            # a record does not say which occurrence of its subject it means: the first whole word
+            return EditRequest.at_first_occurrence(prompt, subject, target_new=target_new, target_true=target_true)
         except InvalidRequestError as e:
             raise InvalidRecord(f"{self.fmt} record {self.index}: {e}") from None
 
