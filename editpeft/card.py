@@ -135,15 +135,25 @@ def _check_plain_yaml(front: str) -> None:
                                      "elements; regenerate the card")
 
 
-def check_card(folder: Path, config: dict[str, Any]) -> None:
-    """Refuse a README whose metadata contradicts ``edit_config.json`` (a tampered or mixed-up card)."""
+def read_card(folder: Path) -> str | None:
+    """The folder's README text (None when there is none), refused when it is a link out of the
+    folder or larger than :data:`MAX_CARD_BYTES`."""
     readme = adapter_file(Path(folder), "README.md", AdapterFormatError, "the adapter folder")
     if not readme.is_file():
-        return
+        return None
     if readme.stat().st_size > MAX_CARD_BYTES:
         raise AdapterFormatError(f"{readme} is larger than editpeft reads ({MAX_CARD_BYTES:,} bytes); regenerate "
                                  "the card by saving the adapter again")
-    meta = card_metadata(readme.read_text(encoding="utf-8", errors="replace"))
+    return readme.read_text(encoding="utf-8", errors="replace")
+
+
+def check_card(folder: Path, config: dict[str, Any], text: str | None | type(...) = ...) -> None:
+    """Refuse a README whose metadata contradicts ``edit_config.json`` (a tampered or mixed-up
+    card); ``text`` is the README already read (default: read it from ``folder``)."""
+    text = read_card(folder) if text is ... else text
+    if text is None:
+        return
+    meta = card_metadata(text)
     if not meta:
         return
     problems = []

@@ -39,6 +39,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -372,15 +373,14 @@ def read_training_data(data: "str | os.PathLike | Sequence[EditRequest | Mapping
     if not records:
         raise ConfigError(f"the training data {name} holds no records")
     if isinstance(records[0], Mapping) and "prompt" in records[0] and "target_new" in records[0] \
-            and set(records[0]) <= {"prompt", "target_new", "subject", "target_true", "paraphrases", "locality"}:
+            and set(records[0]) <= {f.name for f in dataclasses.fields(EditRequest)}:
         requests = [EditRequest.from_dict(dict(r)) for r in records]
     else:
         requests = []
         for case in load_dataset(records).cases:
             for r in case.requests:
-                requests.append(EditRequest(
-                    prompt=r.prompt, subject=r.subject, target_new=r.target_new, target_true=r.target_true,
-                    paraphrases=r.paraphrases or tuple(p.prompt for p in case.generalization),
+                requests.append(dataclasses.replace(
+                    r, paraphrases=r.paraphrases or tuple(p.prompt for p in case.generalization),
                     locality=r.locality or tuple(p.prompt for ps in case.locality.values() for p in ps)))
     return requests, name, digest
 

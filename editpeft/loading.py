@@ -15,7 +15,7 @@ import torch
 
 from .adapters import EditAdapter
 from .atomic import folder_lock
-from .card import check_card
+from .card import check_card, read_card
 from .errors import AdapterFormatError, EditError, MethodNotInstalledError
 from .io import editpeft_version, read_adapter_files
 from .registry import MethodInfo, method_info
@@ -29,14 +29,14 @@ def load_adapter(folder: str | os.PathLike, *, allow_mismatch: bool = False) -> 
     """Build the adapter stored in ``folder`` with its installed method's adapter class.
 
     Order of checks: the files (inside the folder, sizes), the config's schema, the tensors' hash,
-    the model card, the method (installed, same kind, from the plugin distribution that made the adapter unless
-    ``allow_mismatch``; its hparams valid), the requests, then the tensors (finite,
+    the method (installed, same kind, from the plugin distribution that made the adapter unless
+    ``allow_mismatch``; its hparams valid), the model card, the requests, then the tensors (finite,
     exactly the ones the adapter kind reads, shapes checked by the kind), its targets (as listed)
     and ``extra`` (no setting the kind does not read).
     """
     with folder_lock(folder, shared=True):       # the files and the card of one save, never a mix
         config, tensors = read_adapter_files(folder)
-        check_card(Path(folder), config)
+        card = read_card(Path(folder))
     method = config["method"]
     info = method_info(method)
     if info is None or not info.loaded:
@@ -53,6 +53,7 @@ def load_adapter(folder: str | os.PathLike, *, allow_mismatch: bool = False) -> 
     except EditError as e:
         raise AdapterFormatError(f"the adapter's hparams are invalid for method {method!r} ({e}); the file is "
                                  "corrupt or was modified") from None
+    check_card(Path(folder), config, card)
     requests = request_objects(config, EditRequest.from_dict)
     _check_finite_tensors(tensors)
     try:

@@ -30,7 +30,7 @@ class EditRequest:
 
     ``prompt`` contains ``subject`` once as a whole word (or words), or a ``{}`` placeholder that
     is replaced by it (CounterFact style, and the way to say which occurrence is meant when the
-    subject appears several times). ``paraphrases`` and ``locality`` are optional probes used by the
+    subject appears several times; ``subject_span=(start, end)`` says it too). ``paraphrases`` and ``locality`` are optional probes used by the
     evaluation harness: prompts that should and should not follow the edit. Each field is checked
     for its type and content; a mistake raises :class:`InvalidRequestError` saying what to change.
     """
@@ -54,7 +54,7 @@ class EditRequest:
                     optional=True)
         paraphrases = _text_list("paraphrases", self.paraphrases, bad)
         locality = _text_list("locality", self.locality, bad)
-        prompt, span = _place_subject(self.prompt, self.subject, bad)
+        prompt, span = _place_subject(self.prompt, self.subject, self.subject_span, bad)
         object.__setattr__(self, "prompt", prompt)
         object.__setattr__(self, "subject_span", span)
         object.__setattr__(self, "paraphrases", paraphrases)
@@ -154,8 +154,14 @@ def _word_occurrences(prompt: str, subject: str) -> list[int]:
     return [m.start() for m in re.finditer(before + re.escape(subject) + after, prompt)]
 
 
-def _place_subject(prompt: str, subject: str | None, bad) -> tuple[str, tuple[int, int] | None]:
-    """The final prompt and the subject's character span in it."""
+def _place_subject(prompt: str, subject: str | None, span: Any, bad) -> tuple[str, tuple[int, int] | None]:
+    """The final prompt and the subject's character span in it (``span``, when given, says which
+    occurrence is meant, as ``dataclasses.replace`` of a request passes it back)."""
+    if span is not None and subject is not None and PLACEHOLDER not in prompt:
+        try:
+            return _mark_span(prompt, subject, span).replace(PLACEHOLDER, subject, 1), (span[0], span[1])
+        except InvalidRequestError as e:
+            raise bad(str(e)) from None
     if subject is not None and PLACEHOLDER in subject:
         raise bad("the subject itself contains '{}'; the placeholder belongs in the prompt, the subject is "
                   "the entity's name")

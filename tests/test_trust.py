@@ -120,7 +120,6 @@ def test_install_hint_names_only_the_validated_distribution(saved):
     model, folders = saved
     _edit_config(folders["rome"], lambda c: c.update(method="not-installed", plugin={"distribution": "editpeft-x",
                                                                                       "version": "1.0"}))
-    (folders["rome"] / "README.md").unlink()
     with pytest.raises(MethodNotInstalledError, match=r"pip install editpeft-x$"):
         model.load_edit(folders["rome"])
 
