@@ -235,7 +235,11 @@ class EditableMixin:
     def set_active_edits(self, names: Iterable[str]) -> None:
         """Switch on exactly the edits in ``names`` (others stay attached but off)."""
         state = self._editpeft
-        names = [names] if isinstance(names, str) else list(names)
+        if isinstance(names, str):
+            names = [names]
+        elif isinstance(names, (bytes, dict)) or not isinstance(names, Iterable):
+            raise EditError(f"set_active_edits takes a list of edit names, got {type(names).__name__}")
+        names = list(names)
         for n in names:
             _lookup(state, n)
         for n, adapter in state.edits.items():
@@ -378,6 +382,9 @@ def _fresh_name(state: EditState, method: str) -> str:
 
 
 def _lookup(state: EditState, name: str) -> EditAdapter:
+    if not isinstance(name, str):
+        raise EditError(f"an edit name is a string, got {type(name).__name__} {str(name)[:40]!r}; edits on this "
+                        f"model: {', '.join(state.edits) or 'none'}")
     if name not in state.edits:
         have = ", ".join(state.edits) or "none"
         raise EditError(f"no edit named {name!r}; edits on this model: {have}")

@@ -232,7 +232,8 @@ def resolve_editor_dir(path_or_repo: str | os.PathLike, *, revision: str | None 
     """(local folder, editor id) for a folder or a Hub repo id (downloaded into the HF cache);
     ``subfolder`` must stay inside the folder or the downloaded snapshot."""
     from .hub import check_subfolder, folder_inside, snapshot
-    if Path(path_or_repo).exists():
+    from .safe_paths import as_path
+    if as_path(path_or_repo, "an editor to load (a folder or Hub repo id 'user/repo')").exists():
         local = folder_inside(Path(path_or_repo), subfolder)
         return local, local.name
     text = str(path_or_repo)

@@ -73,7 +73,9 @@ def save_adapter(adapter: "EditAdapter", path: str | os.PathLike, *, readme: boo
     would not load.
     """
     from .card import render_model_card
+    from .safe_paths import as_path
     from .schema import validate_adapter_config
+    path = as_path(path, "the folder to save the adapter in")
     blob = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()})
     config = adapter_config(adapter, hashlib.sha256(blob).hexdigest())
     try:

@@ -20,6 +20,7 @@ from .errors import AdapterFormatError, EditError, MethodNotInstalledError
 from .io import editpeft_version, read_adapter_files
 from .registry import MethodInfo, method_info
 from .request import EditRequest
+from .safe_paths import as_path
 from .schema import request_objects
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def resolve_adapter_dir(path_or_repo: str | os.PathLike, *, revision: str | None
     ``subfolder`` must stay inside the folder or the downloaded snapshot. ``force_download``
     fetches a Hub repo's files again even if the cache has them."""
     from .hub import download_adapter, folder_inside
-    local = Path(path_or_repo)
+    local = as_path(path_or_repo, "an adapter to load (a folder or Hub repo id 'user/repo')")
     if local.exists():
         return folder_inside(local, subfolder)
     text = str(path_or_repo)

@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from .card import adapters_facts_table, front_matter
 from .errors import EditError
@@ -19,7 +19,13 @@ from .errors import EditError
 def save_merged(model, tokenizer, out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
     """Merge the edits ``names`` (default: every active edit) into the weights and save the model."""
     state = model.edit_state
+    if names is not None and (isinstance(names, (str, bytes, dict)) or not isinstance(names, Iterable)):
+        raise EditError(f"names must be a list of edit names (or None for every active edit), got "
+                        f"{type(names).__name__}")
     names = list(names) if names is not None else [n for n, a in state.edits.items() if a.active]
+    for n in names:
+        if not isinstance(n, str):
+            raise EditError(f"an edit name is a string, got {type(n).__name__}")
     if not names:
         raise EditError("there is no edit to merge; load or add edits first")
     adapters = []

@@ -11,9 +11,22 @@ Example:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from .errors import EditError
+
+
+def as_path(value: Any, what: str) -> Path:
+    """``value`` as a Path when it is a str or os.PathLike (not bytes), else an EditError saying
+    what ``what`` (e.g. "the adapter folder") must be."""
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+        text = os.fspath(value)
+        if isinstance(text, str) and text and "\x00" not in text:
+            return Path(text)
+    raise EditError(f"{what} must be a folder path (str or pathlib.Path){', or a Hub repo id' if 'Hub' in what else ''}, "
+                    f"got {type(value).__name__} {str(value)[:40]!r}")
 
 
 def adapter_file(folder: Path, name: str, error: type[EditError], what: str) -> Path:

@@ -22,13 +22,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
 from .. import __version__
 from ..atomic import atomic_dir, write_text
-from ..errors import ConfigError, EditError
+from ..errors import ConfigError, DatasetFormatError, EditError
 from ..tokens import target_token_ids
 from .cases import EvalCase
 from .datasets import load_dataset
@@ -353,7 +353,11 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
         dataset = load_dataset(data, format)
         cases, fmt, data_name, skipped = dataset.cases, dataset.format, str(data), len(dataset.skipped)
     else:
-        cases, fmt, data_name, skipped = list(data), format or "cases", "<cases>", 0
+        given = list(data) if isinstance(data, Iterable) and not isinstance(data, (bytes, Mapping)) else None
+        if given is None or not all(isinstance(c, EvalCase) for c in given):
+            raise DatasetFormatError("data must be a dataset file path, or a list of EvalCase (load records with "
+                                     "editpeft.evaluation.load_dataset)")
+        cases, fmt, data_name, skipped = given, format or "cases", "<cases>", 0
     cases, examined = _select(model, tokenizer, cases, n, known_only, tuple(shard))
     if not cases:
         raise EditError("no case to evaluate" + (" (none is known to the model; drop --known-only)" if known_only else ""))
