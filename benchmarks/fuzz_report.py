@@ -1,6 +1,6 @@
 """The fuzzing suite's numbers: mutations per adapter shape by outcome, time and peak memory.
 
-Runs :func:`editpeft.fuzzing.fuzz_adapter` on the same six adapter shapes as
+Runs :func:`editpeft.fuzzing.fuzz_adapter` on the same seven adapter shapes as
 ``tests/test_fuzz.py`` (tiny llama model) and prints a Markdown table.
 
     EDITPEFT_PROGRESS=0 python benchmarks/fuzz_report.py
@@ -26,7 +26,7 @@ from editpeft.testing import DEFAULT_REQUEST, PROBES, make_tiny_model, tiny_toke
 
 
 def main() -> None:
-    from test_fuzz import KINDS
+    from test_fuzz import KINDS, _logit_bias
     from test_routers import ToySide
     from toy_methods import ToyPatch
     torch.set_num_threads(2)
@@ -36,6 +36,7 @@ def main() -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         stack.enter_context(registered(ToyPatch, distribution="tests"))
         stack.enter_context(registered(ToySide, distribution="tests"))
+        stack.enter_context(registered(_logit_bias(), distribution="tests"))
         for method, config in KINDS.items():
             model = editpeft.enable_editing(make_tiny_model("llama", tok), tok)
             folder = Path(tmp) / method

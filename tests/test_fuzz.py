@@ -20,7 +20,7 @@ from test_routers import ToySide as ToySideRouter
 from toy_methods import ToyPatch
 
 #: One method per adapter shape: low-rank and dense weight deltas, deltas with sequential state,
-#: a codebook, patch neurons, and a router with a side model.
+#: a codebook, patch neurons, a router with a side model and one without.
 KINDS = {
     "rome": TINY_CONFIGS["rome"],
     "ft-m": TINY_CONFIGS["ft-m"],
@@ -28,6 +28,7 @@ KINDS = {
     "grace": TINY_CONFIGS["grace"],
     "toy-patch": {"steps": 30},
     "toy_side": {},
+    "logit_bias": {},      # the plugin template (plugins/example_logitbias): a router without side model
 }
 
 
@@ -36,7 +37,17 @@ def toy_registered():
     with ExitStack() as stack:
         stack.enter_context(registered(ToyPatch, distribution="tests"))
         stack.enter_context(registered(ToySideRouter, distribution="tests"))
+        stack.enter_context(registered(_logit_bias(), distribution="tests"))
         yield
+
+
+def _logit_bias():
+    """The example plugin's method, importable from its folder without installing it."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "example_logitbias"))
+    from editpeft_logitbias import LogitBias
+    return LogitBias
 
 
 @pytest.mark.parametrize("method", list(KINDS))

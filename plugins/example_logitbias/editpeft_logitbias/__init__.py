@@ -43,7 +43,27 @@ class LogitBiasAdapter(editpeft.RouterAdapter):
 
     @classmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "LogitBiasAdapter":
-        return cls(tensors["trigger"], tensors["target"], **common)
+        """Rebuild from a file that may come from anyone: token ids must be integers >= 0, the
+        trigger a non-empty row, the target one id (what only this kind knows; the core checks the rest)."""
+        trigger, target = tensors.get("trigger"), tensors.get("target")
+        if trigger is None or target is None:
+            raise editpeft.AdapterFormatError("a logit_bias adapter needs the tensors 'trigger' and 'target'")
+        for name, t, ndim in (("trigger", trigger, 1), ("target", target, 0)):
+            if t.dtype not in (torch.int32, torch.int64) or t.ndim != ndim or t.numel() == 0 or bool((t < 0).any()):
+                raise editpeft.AdapterFormatError(f"{name} must be {'a row of' if ndim else 'one'} token id(s) >= 0, "
+                                                  f"got {t.dtype} of shape {tuple(t.shape)}")
+        return cls(trigger.long(), target.long(), **common)
+
+    def attach(self, state) -> None:
+        """Refuse token ids this model's vocabulary does not have, or a trigger that does not spell
+        the edit's subject (a mixed-up or modified file)."""
+        vocab = state.model.get_output_embeddings().weight.shape[0]
+        if int(self.trigger.max()) >= vocab or int(self.target) >= vocab:
+            raise editpeft.AdapterFormatError(f"token ids beyond this model's vocabulary ({vocab})")
+        subject = self.requests[0].subject if self.requests else None
+        if subject and self.trigger.tolist() != state.tokenizer(" " + subject, add_special_tokens=False)["input_ids"]:
+            raise editpeft.AdapterFormatError("the trigger does not spell the edit's subject")
+        super().attach(state)
 
     def decide(self, model, prompts: Prompts) -> list[Route | None]:
         """Once per sequence: a row is in scope when its prompt contains the subject; the
