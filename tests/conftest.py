@@ -32,6 +32,7 @@ TINY_CONFIGS = {
     "ft-m": {"layers": [0], "lr": 0.01, "steps": 60},
     "ft-l": {"layers": [0], "lr": 0.01, "steps": 60, "norm_constraint": 0.5},
     "lora": {"rank": 4, "alpha": 8.0, "lr": 0.02, "steps": 60, "dropout": 0.0},
+    "t-patcher": {"steps": 80, "lr": 0.05, "memory_tokens": 200},
 }
 
 

@@ -1,0 +1,201 @@
+"""T-Patcher — one patch neuron per mistake.
+
+Huang, Shen, Zhang, Zhou, Rong, Xiong. "Transformer-Patcher: One Mistake worth One Neuron",
+ICLR 2023 (arXiv:2301.09785).
+
+Each edit adds one neuron (key k, bias b, value v) to the feed-forward layer of one block (the
+last by default), the base model frozen:
+
+    FFN'(x) = FFN(x) + f(x·k + b) · v                                                     (Eq. 2)
+
+The patch must fire on the edit and stay silent elsewhere. With a = q·k + b the patch's
+pre-activation for a query q (the FFN input at a position), training minimises
+
+    L = L_e + α_w · L_a + m · L_m                                                          (Eq. 6)
+    L_e = CE of the target, teacher-forced, with the patch in place                        (Eq. 3)
+    L_a = mean_topk exp(α − a(q_e))                     over the edit's positions          (Eq. 4)
+    L_m = mean_topk exp(a(q_m) − a(q_e) + β1) + mean_topk exp(a(q_m) − β2)
+                                                        over memory queries q_m             (Eq. 5)
+
+L_a keeps the patch active on the edit (pre-activation above the margin α); the first memory term
+keeps every memory activation β1 below the edit's, the second keeps memory activations below β2
+(< 0), so the patch does not fire on other inputs. The memory holds FFN inputs of unrelated text
+(a fixed corpus) and of every earlier edit of the adapter, so later patches stay silent on earlier
+edits (the paper's memory update). Top-k means are taken as in the reference implementation
+(edit: the 5 least activated positions; memory: the 1,000 largest terms).
+
+Initialisation (§3.3 "patch initialization"): k = q_e / ‖q_e‖², b = 0, so the pre-activation on the
+edit is exactly 1 before training; the value is trained through v = c · w with w = 0 at the
+start and c = ``value_scale`` (the reference code's value amplification, 10).
+
+Causal LMs: the edit's positions are those that predict the target tokens (the prompt's last token
+and the target's, teacher-forced); q_e for the initialisation is the prompt's last token. The
+neuron's activation f is the patch's own (default ReLU: exactly 0 for the memory inputs held below
+β2 < 0; the host layers' activations differ across families — gated SiLU, GELU — and are not a
+single neuron's). A batch of requests is patched one request after another, each new neuron trained
+with the earlier ones in place; ``append=True`` adds neurons to the same adapter.
+
+Example:
+    >>> model.add_edit("t-patcher", request, name="patches")                      # doctest: +SKIP
+    >>> model.add_edit("t-patcher", another, name="patches", append=True)         # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+import editpeft
+from editpeft import EditRequest, MethodConfig
+from editpeft.arch import get_arch
+from editpeft.corpus import CORPORA, token_chunks
+from editpeft.method import check
+from editpeft.patches import PatchNeuronAdapter, PatchNeurons, PatchSite, activation_fn, temporary_patch
+from editpeft.probe import activations_at
+from editpeft.tokens import TargetBatch, model_device
+from editpeft.train import TrainConfig, train_tensors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TPatcherConfig(MethodConfig):
+    layer: int = field(default=-1, metadata={"help": "block whose FFN gets the patches (-1: the last, the paper's choice)"})
+    steps: int = field(default=100, metadata={"help": "Adam steps at most per edit"})
+    lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (paper: 1e-2)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "Adam weight decay (paper: 0.01)"})
+    stop_loss: float = field(default=0.05, metadata={"help": "stop once the edit's target NLL is below this"})
+    activation: str = field(default="relu", metadata={"help": "the patch neuron's activation f"})
+    value_scale: float = field(default=10.0, metadata={"help": "v = c·w, w trained from 0 (paper code: 10)"})
+    act_weight: float = field(default=1.0, metadata={"help": "weight of the activation loss L_a (paper: 1)"})
+    act_margin: float = field(default=0.0, metadata={"help": "α: the edit's pre-activation is kept above it"})
+    act_top_k: int = field(default=5, metadata={"help": "L_a averages the k least activated edit positions"})
+    memory_weight: float = field(default=10.0, metadata={"help": "m: weight of the memory loss L_m (paper, zsRE: 10)"})
+    memory_margin_edit: float = field(default=3.0, metadata={"help": "β1: memory stays this far below the edit"})
+    memory_margin: float = field(default=-3.0, metadata={"help": "β2 (< 0): memory pre-activations stay below it"})
+    memory_top_k: int = field(default=1000, metadata={"help": "L_m averages the k largest memory terms"})
+    memory_tokens: int = field(default=1000, metadata={"help": "tokens of unrelated text in the memory"})
+    memory_corpus: str = field(default="pydoc", metadata={"help": f"text of the memory: one of {CORPORA}"})
+    seed: int = field(default=0, metadata={"help": "seed of the memory corpus sampling"})
+
+    def validate(self) -> None:
+        check(self.layer >= -1, f"layer must be a block index or -1 (the last), got {self.layer}")
+        check(self.steps >= 1, "steps must be >= 1")
+        check(self.lr > 0 and self.value_scale > 0, "lr and value_scale must be > 0")
+        check(self.weight_decay >= 0 and self.act_weight >= 0 and self.memory_weight >= 0,
+              "weight_decay, act_weight and memory_weight must be >= 0")
+        check(self.memory_margin < 0, f"memory_margin (β2) must be < 0, got {self.memory_margin}")
+        check(self.act_top_k >= 1 and self.memory_top_k >= 1, "act_top_k and memory_top_k must be >= 1")
+        check(self.memory_tokens >= 1, "memory_tokens must be >= 1")
+        check(self.memory_corpus in CORPORA, f"memory_corpus must be one of {CORPORA}")
+        activation_fn(self.activation)
+
+
+def _site(model, config: TPatcherConfig) -> PatchSite:
+    arch = get_arch(model)
+    layer = arch.num_layers - 1 if config.layer == -1 else arch.check_layer(config.layer)
+    return PatchSite.ffn(model, layer)
+
+
+class TPatcher(editpeft.EditMethod):
+    name = "t-patcher"
+    kind = "module_hook"
+    Config = TPatcherConfig
+    adapter_class = PatchNeuronAdapter
+
+    def targets(self, model, config: TPatcherConfig) -> list[str]:
+        site = _site(model, config)
+        return list(dict.fromkeys((site.read, site.write)))
+
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: TPatcherConfig) -> PatchNeuronAdapter:
+        site = _site(model, config)
+        d_in = activations_at(model, model.get_submodule(site.read),
+                              TargetBatch.for_model(model, tokenizer, [requests[0].prompt]).model_inputs()).shape[-1]
+        d_out = get_arch(model).site_width("mlp_out")
+        empty = PatchNeurons.empty(d_in, d_out, activation=config.activation)
+        return self._patch(model, tokenizer, site, empty, [], requests, config)
+
+    def extend(self, adapter: PatchNeuronAdapter, model, tokenizer, requests: Sequence[EditRequest],
+               config: TPatcherConfig) -> PatchNeuronAdapter:
+        ((site, prior),) = adapter.patches.items()
+        was_active = adapter.active
+        adapter.active = False          # the earlier neurons are applied by the training patch instead
+        try:
+            return self._patch(model, tokenizer, site, prior, list(adapter.requests), requests, config)
+        finally:
+            adapter.active = was_active
+
+    def _patch(self, model, tokenizer, site: PatchSite, prior: PatchNeurons, earlier: list[EditRequest],
+               requests: Sequence[EditRequest], config: TPatcherConfig) -> PatchNeuronAdapter:
+        read = model.get_submodule(site.read)
+        memory = torch.cat([_corpus_queries(model, tokenizer, read, config)]
+                           + [_edit_queries(model, tokenizer, read, r)[0] for r in earlier])
+        patch = prior
+        for request in requests:
+            queries, init = _edit_queries(model, tokenizer, read, request)
+            patch = patch.append(_train_neuron(model, tokenizer, site, patch, request, queries, init, memory, config))
+            memory = torch.cat([memory, queries])
+        return PatchNeuronAdapter({site: patch}, method=self.name, hparams=config.to_dict(),
+                                  requests=[*earlier, *requests])
+
+
+def _edit_queries(model, tokenizer, read: torch.nn.Module, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FFN inputs at the positions that predict the target tokens, the one at the prompt's last token)."""
+    batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new])
+    acts = activations_at(model, read, batch.model_inputs())
+    acts = acts.reshape(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)[0].float()
+    start = batch.last_prompt[0]
+    positions = torch.arange(start, start + len(batch.target_ids[0]), device=acts.device)
+    return acts[positions], acts[start]
+
+
+def _corpus_queries(model, tokenizer, read: torch.nn.Module, config: TPatcherConfig) -> torch.Tensor:
+    """FFN inputs of ``memory_tokens`` tokens of unrelated text (the memory the patch stays silent on)."""
+    rows = []
+    device = model_device(model)
+    for chunk in token_chunks(config.memory_corpus, model, tokenizer, config.memory_tokens, seq_len=128,
+                              seed=config.seed):
+        ids = chunk[None].to(device)
+        acts = activations_at(model, read, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        rows.append(acts.reshape(-1, acts.shape[-1]).float())
+    return torch.cat(rows)
+
+
+def _mean_top(values: torch.Tensor, k: int) -> torch.Tensor:
+    flat = values.reshape(-1)
+    return flat.topk(min(k, flat.numel())).values.mean()
+
+
+def _train_neuron(model, tokenizer, site: PatchSite, prior: PatchNeurons, request: EditRequest,
+                  queries: torch.Tensor, init: torch.Tensor, memory: torch.Tensor,
+                  config: TPatcherConfig) -> PatchNeurons:
+    """One neuron for ``request``, trained with the ``prior`` neurons in place (Eq. 3–6)."""
+    batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new])
+    key = (init / init.norm() ** 2)[None]                                # pre-activation 1 on the edit
+    start = {"keys": key, "key_bias": torch.zeros(1, device=key.device),
+             "values": torch.zeros(1, prior.dims[1], device=key.device)}
+    frozen = {k: getattr(prior, k).detach().to(key.device) for k in ("keys", "key_bias", "values")}
+
+    def loss(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        neuron = {"keys": p["keys"], "key_bias": p["key_bias"], "values": config.value_scale * p["values"]}
+        patch = PatchNeurons(*(torch.cat([frozen[k], neuron[k]]) for k in ("keys", "key_bias", "values")),
+                             activation=config.activation)
+        with temporary_patch(model, site, patch):
+            logits = model(**batch.model_inputs(), use_cache=False).logits
+        edit_act = queries @ p["keys"][0] + p["key_bias"][0]              # a(q_e), one per edit position
+        memory_act = memory @ p["keys"][0] + p["key_bias"][0]             # a(q_m)
+        l_a = _mean_top(torch.exp(config.act_margin - edit_act), config.act_top_k)
+        l_m = (_mean_top(torch.exp(memory_act[:, None] - edit_act[None, :] + config.memory_margin_edit),
+                         config.memory_top_k)
+               + _mean_top(torch.exp(memory_act - config.memory_margin), config.memory_top_k))
+        return {"target": batch.target_nll(logits), "activation": config.act_weight * l_a,
+                "memory": config.memory_weight * l_m}
+
+    result = train_tensors(start, loss, TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+                                                    stop_loss=config.stop_loss, desc="t-patcher"))
+    logger.info("t-patcher %r: %d steps, %s", request.prompt, result.steps, result.terms)
+    p = result.params
+    return PatchNeurons(p["keys"].cpu(), p["key_bias"].cpu(), (config.value_scale * p["values"]).cpu(),
+                        activation=config.activation)
