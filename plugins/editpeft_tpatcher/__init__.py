@@ -26,7 +26,8 @@ edits (the paper's memory update). Top-k means are taken as in the reference imp
 
 Initialisation (§3.3 "patch initialization"): k = q_e / ‖q_e‖², b = 0, so the pre-activation on the
 edit is exactly 1 before training; the value is trained through v = c · w with w = 0 at the
-start and c = ``value_scale`` (the reference code's value amplification, 10).
+start and c = ``value_scale`` (the reference code's value amplification, 10). As in the reference
+code, an edit that one neuron does not fix gets another (up to ``max_neurons``).
 
 Causal LMs: the edit's positions are those that predict the target tokens (the prompt's last token
 and the target's, teacher-forced); q_e for the initialisation is the prompt's last token. The
@@ -79,6 +80,8 @@ class TPatcherConfig(MethodConfig):
     memory_tokens: int = field(default=1000, metadata={"help": "tokens of unrelated text in the memory"})
     memory_corpus: str = field(default="pydoc", metadata={"help": f"text of the memory: one of {CORPORA}"})
     seed: int = field(default=0, metadata={"help": "seed of the memory corpus sampling"})
+    max_neurons: int = field(default=5, metadata={
+        "help": "neurons one edit may get: another is added while the edit is not fixed (reference code: 5)"})
 
     def validate(self) -> None:
         check(self.layer >= -1, f"layer must be a block index or -1 (the last), got {self.layer}")
@@ -88,7 +91,7 @@ class TPatcherConfig(MethodConfig):
               "weight_decay, act_weight and memory_weight must be >= 0")
         check(self.memory_margin < 0, f"memory_margin (β2) must be < 0, got {self.memory_margin}")
         check(self.act_top_k >= 1 and self.memory_top_k >= 1, "act_top_k and memory_top_k must be >= 1")
-        check(self.memory_tokens >= 1, "memory_tokens must be >= 1")
+        check(self.memory_tokens >= 1 and self.max_neurons >= 1, "memory_tokens and max_neurons must be >= 1")
         check(self.memory_corpus in CORPORA, f"memory_corpus must be one of {CORPORA}")
         activation_fn(self.activation)
 
@@ -134,11 +137,35 @@ class TPatcher(editpeft.EditMethod):
                            + [_edit_queries(model, tokenizer, read, r)[0] for r in earlier])
         patch = prior
         for request in requests:
-            queries, init = _edit_queries(model, tokenizer, read, request)
-            patch = patch.append(_train_neuron(model, tokenizer, site, patch, request, queries, init, memory, config))
-            memory = torch.cat([memory, queries])
+            patch = _patch_one(model, tokenizer, site, patch, request, memory, config)
+            memory = torch.cat([memory, _edit_queries(model, tokenizer, read, request)[0]])
         return PatchNeuronAdapter({site: patch}, method=self.name, hparams=config.to_dict(),
                                   requests=[*earlier, *requests])
+
+
+def _patch_one(model, tokenizer, site: PatchSite, patch: PatchNeurons, request: EditRequest, memory: torch.Tensor,
+               config: TPatcherConfig) -> PatchNeurons:
+    """Neurons for one edit: the first initialised at the prompt's last token; while the edit is
+    not fixed (a target token is not the top-1 prediction, teacher-forced), another neuron is added,
+    initialised at the next target position, up to ``max_neurons`` (the reference code's rule; it
+    matters where one value vector cannot serve every target token, e.g. behind Gemma's post-FFN norm)."""
+    queries, _ = _edit_queries(model, tokenizer, model.get_submodule(site.read), request)
+    for attempt in range(config.max_neurons):
+        init = queries[attempt % len(queries)]
+        patch = patch.append(_train_neuron(model, tokenizer, site, patch, request, queries, init, memory, config))
+        if _fixed(model, tokenizer, site, patch, request):
+            break
+    else:
+        logger.warning("t-patcher: %r is not fixed after %d neurons", request.prompt, config.max_neurons)
+    return patch
+
+
+def _fixed(model, tokenizer, site: PatchSite, patch: PatchNeurons, request: EditRequest) -> bool:
+    batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new])
+    with torch.no_grad(), temporary_patch(model, site, patch):
+        logits = model(**batch.model_inputs(), use_cache=False).logits
+    predicted = logits[0, batch.target_positions(0).to(logits.device)].argmax(-1).tolist()
+    return predicted == list(batch.target_ids[0])
 
 
 def _edit_queries(model, tokenizer, read: torch.nn.Module, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
