@@ -32,7 +32,8 @@ TINY_CONFIGS = {
     "ft-m": {"layers": [0], "lr": 0.01, "steps": 60},
     "ft-l": {"layers": [0], "lr": 0.01, "steps": 60, "norm_constraint": 0.5},
     "lora": {"rank": 4, "alpha": 8.0, "lr": 0.02, "steps": 60, "dropout": 0.0},
-    "t-patcher": {"steps": 80, "lr": 0.05, "memory_tokens": 200},
+    # layer 0: on gemma2/3 the last FFN output passes a post-FFN norm, which bounds what a patch there adds
+    "t-patcher": {"layer": 0, "steps": 80, "lr": 0.05, "memory_tokens": 200},
 }
 
 

@@ -20,7 +20,8 @@ def test_initialisation_fires_exactly_once_on_the_edit(tiny):
     from editpeft_tpatcher import _edit_queries, _site, TPatcherConfig
     model, tok = tiny
     site = _site(model, TPatcherConfig(**TP))
-    queries, init = _edit_queries(model, tok, model.get_submodule(site.read), R1)
+    queries = _edit_queries(model, tok, model.get_submodule(site.read), R1)
+    init = queries[0]                     # the prompt's last token predicts the first target token
     key = init / init.norm() ** 2
     assert torch.allclose((init.double() @ key.double()), torch.tensor(1.0, dtype=torch.float64), atol=1e-6)
     assert queries.shape[0] == len(tok(" Rome", add_special_tokens=False)["input_ids"])
@@ -48,7 +49,7 @@ def test_the_patch_is_silent_on_its_memory(tiny):
     ((site, patch),) = adapter.patches.items()
     read = model.get_submodule(site.read)
     memory = _corpus_queries(model, tok, read, config)
-    edit, _ = _edit_queries(model, tok, read, R1)
+    edit = _edit_queries(model, tok, read, R1)
     pre = lambda q: q.double() @ patch.keys[0].double() + patch.key_bias[0].double()   # noqa: E731
     assert float((pre(memory) > 0).double().mean()) < 0.02
     assert float(pre(edit).min()) > 0

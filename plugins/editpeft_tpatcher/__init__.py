@@ -55,6 +55,7 @@ from editpeft.corpus import CORPORA, token_chunks
 from editpeft.method import check
 from editpeft.patches import PatchNeuronAdapter, PatchNeurons, PatchSite, activation_fn, temporary_patch
 from editpeft.probe import activations_at
+from editpeft.suffix import LastBlockReplay
 from editpeft.tokens import TargetBatch, model_device
 from editpeft.train import TrainConfig, train_tensors
 
@@ -80,6 +81,8 @@ class TPatcherConfig(MethodConfig):
     memory_tokens: int = field(default=1000, metadata={"help": "tokens of unrelated text in the memory"})
     memory_corpus: str = field(default="pydoc", metadata={"help": f"text of the memory: one of {CORPORA}"})
     seed: int = field(default=0, metadata={"help": "seed of the memory corpus sampling"})
+    per_token: bool = field(default=True, metadata={
+        "help": "first round: one neuron per target token (each at its own position), else one neuron"})
     max_neurons: int = field(default=5, metadata={
         "help": "neurons one edit may get: another is added while the edit is not fixed (reference code: 5)"})
 
@@ -94,6 +97,10 @@ class TPatcherConfig(MethodConfig):
         check(self.memory_tokens >= 1 and self.max_neurons >= 1, "memory_tokens and max_neurons must be >= 1")
         check(self.memory_corpus in CORPORA, f"memory_corpus must be one of {CORPORA}")
         activation_fn(self.activation)
+
+
+#: Attribute of an adapter holding its query memory in this process (never saved: recomputed on demand).
+MEMORY_ATTR = "_tpatcher_memory"
 
 
 def _site(model, config: TPatcherConfig) -> PatchSite:
@@ -126,56 +133,95 @@ class TPatcher(editpeft.EditMethod):
         was_active = adapter.active
         adapter.active = False          # the earlier neurons are applied by the training patch instead
         try:
-            return self._patch(model, tokenizer, site, prior, list(adapter.requests), requests, config)
+            return self._patch(model, tokenizer, site, prior, list(adapter.requests), requests, config,
+                               memory=getattr(adapter, MEMORY_ATTR, None))
         finally:
             adapter.active = was_active
 
     def _patch(self, model, tokenizer, site: PatchSite, prior: PatchNeurons, earlier: list[EditRequest],
-               requests: Sequence[EditRequest], config: TPatcherConfig) -> PatchNeuronAdapter:
-        read = model.get_submodule(site.read)
-        memory = torch.cat([_corpus_queries(model, tokenizer, read, config)]
-                           + [_edit_queries(model, tokenizer, read, r)[0] for r in earlier])
+               requests: Sequence[EditRequest], config: TPatcherConfig,
+               memory: torch.Tensor | None = None) -> PatchNeuronAdapter:
+        """Patch ``requests`` one after another onto ``prior``. ``memory`` is the query memory the
+        earlier edits left (kept on the adapter in this process: without it, e.g. after loading,
+        it is computed again from the corpus and the earlier requests)."""
+        if memory is None:
+            read = model.get_submodule(site.read)
+            memory = torch.cat([_corpus_queries(model, tokenizer, read, config)]
+                               + [_edit_queries(model, tokenizer, read, r) for r in earlier])
         patch = prior
         for request in requests:
-            patch = _patch_one(model, tokenizer, site, patch, request, memory, config)
-            memory = torch.cat([memory, _edit_queries(model, tokenizer, read, request)[0]])
-        return PatchNeuronAdapter({site: patch}, method=self.name, hparams=config.to_dict(),
-                                  requests=[*earlier, *requests])
+            patch, queries = _patch_one(model, tokenizer, site, patch, request, memory, config)
+            memory = torch.cat([memory, queries])
+        adapter = PatchNeuronAdapter({site: patch}, method=self.name, hparams=config.to_dict(),
+                                     requests=[*earlier, *requests])
+        setattr(adapter, MEMORY_ATTR, memory)
+        return adapter
+
+
+class _EditView:
+    """One request as the training sees it: the FFN inputs at the positions that predict the
+    target tokens (the edit's queries) and the logits there with a patch in place — replayed from
+    the last block's captured output when the patch is in the last block (exact, checked by
+    :class:`editpeft.suffix.LastBlockReplay`), else by running the model."""
+
+    def __init__(self, model, tokenizer, site: PatchSite, request: EditRequest):
+        self.model, self.site = model, site
+        self.batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new])
+        self.positions = self.batch.target_positions(0).tolist()
+        where = torch.tensor([[0, p] for p in self.positions])
+        self.replay = LastBlockReplay.capture(model, site.read, site.write, self.batch.model_inputs(), where)
+        if self.replay is not None:
+            self.queries = self.replay.inputs.float()
+        else:
+            acts = activations_at(model, model.get_submodule(site.read), self.batch.model_inputs())
+            self.queries = acts.reshape(*self.batch.input_ids.shape, -1)[0, self.positions].float()
+
+    def logits(self, patch: PatchNeurons) -> torch.Tensor:
+        """Logits (1, targets, vocab) at the target positions with ``patch`` at the site."""
+        if self.replay is not None:
+            return self.replay.logits(patch(self.replay.inputs))[None]
+        with temporary_patch(self.model, self.site, patch):
+            logits = self.model(**self.batch.model_inputs(), use_cache=False).logits
+        return logits[:, self.positions]
+
+    def target_nll(self, patch: PatchNeurons) -> torch.Tensor:
+        return self.batch.target_nll(self.logits(patch), kept=self.positions)
+
+    def fixed(self, patch: PatchNeurons) -> bool:
+        """Every target token is the top-1 prediction, teacher-forced, with ``patch`` in place."""
+        with torch.no_grad():
+            return self.logits(patch)[0].argmax(-1).tolist() == list(self.batch.target_ids[0])
 
 
 def _patch_one(model, tokenizer, site: PatchSite, patch: PatchNeurons, request: EditRequest, memory: torch.Tensor,
-               config: TPatcherConfig) -> PatchNeurons:
-    """Neurons for one edit: the first initialised at the prompt's last token; while the edit is
-    not fixed (a target token is not the top-1 prediction, teacher-forced), another neuron is added,
-    initialised at the next target position, up to ``max_neurons`` (the reference code's rule; it
-    matters where one value vector cannot serve every target token, e.g. behind Gemma's post-FFN norm)."""
-    queries, _ = _edit_queries(model, tokenizer, model.get_submodule(site.read), request)
-    for attempt in range(config.max_neurons):
-        init = queries[attempt % len(queries)]
-        patch = patch.append(_train_neuron(model, tokenizer, site, patch, request, queries, init, memory, config))
-        if _fixed(model, tokenizer, site, patch, request):
+               config: TPatcherConfig) -> tuple[PatchNeurons, torch.Tensor]:
+    """Neurons for one edit, and the edit's queries (for the memory of later edits).
+
+    First round: one neuron per target token when ``per_token`` (each initialised at the position
+    predicting its token, trained jointly), else one at the prompt's last token. While the edit is
+    not fixed (a target token is not the top-1 prediction, teacher-forced), one more neuron is
+    added at the next position, up to ``max_neurons`` in all (the reference code's rule)."""
+    view = _EditView(model, tokenizer, site, request)
+    n_pos = len(view.queries)
+    rounds = [list(range(min(n_pos, config.max_neurons))) if config.per_token else [0]]
+    used = len(rounds[0])
+    while rounds:
+        patch = patch.append(_train_neurons(view, patch, rounds.pop(), memory, config))
+        if view.fixed(patch):
             break
+        if used < config.max_neurons:
+            rounds.append([used % n_pos])
+            used += 1
     else:
-        logger.warning("t-patcher: %r is not fixed after %d neurons", request.prompt, config.max_neurons)
-    return patch
+        logger.warning("t-patcher: %r is not fixed after %d neurons", request.prompt, used)
+    return patch, view.queries
 
 
-def _fixed(model, tokenizer, site: PatchSite, patch: PatchNeurons, request: EditRequest) -> bool:
-    batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new])
-    with torch.no_grad(), temporary_patch(model, site, patch):
-        logits = model(**batch.model_inputs(), use_cache=False).logits
-    predicted = logits[0, batch.target_positions(0).to(logits.device)].argmax(-1).tolist()
-    return predicted == list(batch.target_ids[0])
-
-
-def _edit_queries(model, tokenizer, read: torch.nn.Module, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FFN inputs at the positions that predict the target tokens, the one at the prompt's last token)."""
+def _edit_queries(model, tokenizer, read: torch.nn.Module, request: EditRequest) -> torch.Tensor:
+    """FFN inputs (``read``'s input) at the positions that predict the target tokens."""
     batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new])
     acts = activations_at(model, read, batch.model_inputs())
-    acts = acts.reshape(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)[0].float()
-    start = batch.last_prompt[0]
-    positions = torch.arange(start, start + len(batch.target_ids[0]), device=acts.device)
-    return acts[positions], acts[start]
+    return acts.reshape(*batch.input_ids.shape, -1)[0, batch.target_positions(0).to(acts.device)].float()
 
 
 def _corpus_queries(model, tokenizer, read: torch.nn.Module, config: TPatcherConfig) -> torch.Tensor:
@@ -195,34 +241,41 @@ def _mean_top(values: torch.Tensor, k: int) -> torch.Tensor:
     return flat.topk(min(k, flat.numel())).values.mean()
 
 
-def _train_neuron(model, tokenizer, site: PatchSite, prior: PatchNeurons, request: EditRequest,
-                  queries: torch.Tensor, init: torch.Tensor, memory: torch.Tensor,
-                  config: TPatcherConfig) -> PatchNeurons:
-    """One neuron for ``request``, trained with the ``prior`` neurons in place (Eq. 3–6)."""
-    batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new])
-    key = (init / init.norm() ** 2)[None]                                # pre-activation 1 on the edit
-    start = {"keys": key, "key_bias": torch.zeros(1, device=key.device),
-             "values": torch.zeros(1, prior.dims[1], device=key.device)}
-    frozen = {k: getattr(prior, k).detach().to(key.device) for k in ("keys", "key_bias", "values")}
+def _train_neurons(view: _EditView, prior: PatchNeurons, positions: list[int], memory: torch.Tensor,
+                   config: TPatcherConfig) -> PatchNeurons:
+    """Neurons for the edit of ``view``, neuron j initialised at the edit position ``positions[j]``,
+    trained jointly with the ``prior`` neurons in place (Eq. 3–6; L_a and L_m per neuron, averaged)."""
+    init = view.queries[positions]                                       # (n, d_in)
+    own = torch.tensor(positions, device=init.device)
+    start = {"keys": init / init.norm(dim=-1, keepdim=True) ** 2,          # pre-activation 1 on its position
+             "key_bias": torch.zeros(len(positions), device=init.device),
+             "values": torch.zeros(len(positions), prior.dims[1], device=init.device)}
+    frozen = {k: getattr(prior, k).detach().to(init.device) for k in ("keys", "key_bias", "values")}
+    queries = view.queries
+    cols = torch.arange(len(positions), device=init.device)
 
     def loss(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         neuron = {"keys": p["keys"], "key_bias": p["key_bias"], "values": config.value_scale * p["values"]}
         patch = PatchNeurons(*(torch.cat([frozen[k], neuron[k]]) for k in ("keys", "key_bias", "values")),
                              activation=config.activation)
-        with temporary_patch(model, site, patch):
-            logits = model(**batch.model_inputs(), use_cache=False).logits
-        edit_act = queries @ p["keys"][0] + p["key_bias"][0]              # a(q_e), one per edit position
-        memory_act = memory @ p["keys"][0] + p["key_bias"][0]             # a(q_m)
-        l_a = _mean_top(torch.exp(config.act_margin - edit_act), config.act_top_k)
-        l_m = (_mean_top(torch.exp(memory_act[:, None] - edit_act[None, :] + config.memory_margin_edit),
-                         config.memory_top_k)
-               + _mean_top(torch.exp(memory_act - config.memory_margin), config.memory_top_k))
-        return {"target": batch.target_nll(logits), "activation": config.act_weight * l_a,
+        edit_act = queries @ p["keys"].T + p["key_bias"]                  # a(q_e): (edit positions, n)
+        memory_act = memory @ p["keys"].T + p["key_bias"]                 # a(q_m): (memory, n)
+        # one neuron alone (the paper's case) keeps every edit position active; with one neuron per
+        # target token, each is held active at its own position
+        active = edit_act if len(positions) == 1 else edit_act[own, cols][None]
+        l_a = torch.stack([_mean_top(torch.exp(config.act_margin - active[:, j]), config.act_top_k)
+                           for j in range(len(positions))]).mean()
+        l_m = torch.stack([
+            _mean_top(torch.exp(memory_act[:, j, None] - active[None, :, j] + config.memory_margin_edit),
+                      config.memory_top_k)
+            + _mean_top(torch.exp(memory_act[:, j] - config.memory_margin), config.memory_top_k)
+            for j in range(len(positions))]).mean()
+        return {"target": view.target_nll(patch), "activation": config.act_weight * l_a,
                 "memory": config.memory_weight * l_m}
 
     result = train_tensors(start, loss, TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
                                                     stop_loss=config.stop_loss, desc="t-patcher"))
-    logger.info("t-patcher %r: %d steps, %s", request.prompt, result.steps, result.terms)
+    logger.info("t-patcher: %d steps, %s", result.steps, result.terms)
     p = result.params
     return PatchNeurons(p["keys"].cpu(), p["key_bias"].cpu(), (config.value_scale * p["values"]).cpu(),
                         activation=config.activation)

@@ -1,0 +1,82 @@
+"""The last-block replay: logits after a change to the last MLP output, from one captured forward,
+equal the model's own — and the replay refuses where that identity does not hold."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editpeft import EditRequest
+from editpeft.patches import PatchNeurons, PatchSite, temporary_patch
+from editpeft.suffix import LastBlockReplay, REPLAY_RTOL
+from editpeft.testing import make_tiny_model
+from editpeft.tokens import TargetBatch
+
+from conftest import FAMILIES
+
+#: Gemma 2 and 3 normalise the MLP output before adding it to the residual (post-FFN norm).
+POST_FFN_NORM = {"gemma2", "gemma3_text"}
+
+
+def _setup(family, tok):
+    model = make_tiny_model(family, tok)
+    site = PatchSite.ffn(model, model.config.num_hidden_layers - 1 if hasattr(model.config, "num_hidden_layers")
+                         else model.config.n_layer - 1)
+    batch = TargetBatch.for_model(model, tok, ["The city that holds the Eiffel Tower", "Gold is"],
+                                  [" Rome", " shiny metal"])
+    where = torch.tensor([[i, p] for i in range(2) for p in batch.target_positions(i).tolist()])
+    return model, site, batch, where
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_matches_the_model_or_refuses(family, tiny_tokenizer):
+    model, site, batch, where = _setup(family, tiny_tokenizer)
+    replay = LastBlockReplay.capture(model, site.read, site.write, batch.model_inputs(), where)
+    if family in POST_FFN_NORM:
+        assert replay is None
+        return
+    assert replay is not None and replay.inputs.shape[0] == len(where)
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out = replay.inputs.shape[-1], replay.outputs.shape[-1]
+    patch = PatchNeurons(torch.randn(3, d_in, generator=g), torch.randn(3, generator=g),
+                         torch.randn(3, d_out, generator=g), activation="relu")
+    with torch.no_grad(), temporary_patch(model, site, patch):
+        want = model(**batch.model_inputs()).logits[where[:, 0], where[:, 1]]
+    got = replay.logits(patch(replay.inputs))
+    # float32: the two paths differ in the order of one addition; bound relative to the logits' scale
+    assert (got - want).abs().max() <= REPLAY_RTOL * want.abs().max()
+
+
+def test_replay_refuses_when_a_hook_rewrites_the_last_block(tiny_tokenizer):
+    """A hook scaling the last block's output breaks ``logits = head(y0 + delta)``: capture must notice."""
+    model, site, batch, where = _setup("llama", tiny_tokenizer)
+    block = model.model.layers[-1]
+    handle = block.register_forward_hook(lambda m, a, out: (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2)
+    try:
+        assert LastBlockReplay.capture(model, site.read, site.write, batch.model_inputs(), where) is None
+    finally:
+        handle.remove()
+
+
+def test_replay_only_for_the_last_block(tiny_tokenizer):
+    model, _, batch, where = _setup("llama", tiny_tokenizer)
+    first = PatchSite.ffn(model, 0)
+    assert LastBlockReplay.capture(model, first.read, first.write, batch.model_inputs(), where) is None
+
+
+def test_t_patcher_trains_the_same_neuron_with_and_without_the_replay(tiny_tokenizer, monkeypatch):
+    """The replay is an exact shortcut: the neuron trained through it equals the one trained by
+    running the whole model, to float32 noise (relative to the tensors' scale)."""
+    import editpeft
+    from conftest import TINY_CONFIGS
+    config = {**TINY_CONFIGS["t-patcher"], "layer": -1, "steps": 20, "max_neurons": 1}
+    request = EditRequest(prompt="The city that holds the {}", subject="Eiffel Tower", target_new="Rome")
+
+    def patch_of(model):
+        adapter = editpeft.enable_editing(model, tiny_tokenizer).add_edit("t-patcher", request, config=config)
+        ((_, patch),) = adapter.patches.items()
+        return patch
+    fast = patch_of(make_tiny_model("llama", tiny_tokenizer))
+    monkeypatch.setattr(LastBlockReplay, "capture", classmethod(lambda cls, *a, **k: None))
+    slow = patch_of(make_tiny_model("llama", tiny_tokenizer))
+    for a, b in ((fast.keys, slow.keys), (fast.values, slow.values)):
+        assert (a - b).abs().max() <= 1e-3 * b.abs().max()
