@@ -117,6 +117,67 @@ class LastBlockReplay:
         return replay
 
 
+@dataclass
+class BlockSuffix:
+    """Blocks ``start``..last of a causal LM and the head, replayed from one captured forward.
+
+    The hidden state entering block ``start`` and the arguments every later block was called with
+    (attention masks, rotary tables, position ids) are captured once; :meth:`logits` then runs only
+    those blocks — with whatever hooks are registered on them at that time, e.g. a change being
+    trained — and the head, at the positions asked. Exact when the layers below ``start`` are
+    unchanged (checked on capture: the replay must reproduce the model's logits).
+    """
+
+    blocks: list[nn.Module]
+    calls: list[tuple[tuple, dict]]
+    hidden: torch.Tensor
+    head: OutputHead
+
+    def logits(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at ``positions`` ((row, position) pairs, shape (n, 2)); all positions if None."""
+        h = self.hidden
+        for block, (args, kwargs) in zip(self.blocks, self.calls):
+            h = site_tensor(block(h, *args, **kwargs))
+        if positions is not None:
+            h = h[positions[:, 0], positions[:, 1]]
+        return self.head(h)
+
+    @classmethod
+    def capture(cls, model: nn.Module, start: int, inputs: Mapping[str, torch.Tensor],
+                positions: torch.Tensor) -> "BlockSuffix | None":
+        """Capture blocks ``start``.. of one forward on ``inputs``; None unless the replay gives the
+        model's logits at ``positions`` (families whose head is not ``lm_head(final_norm)``, or a
+        forward that does more between blocks)."""
+        arch = get_arch(model)
+        head = OutputHead.of(model)
+        if head is None:
+            return None
+        blocks = list(arch.layers())[arch.check_layer(start):]
+        calls: list[tuple[tuple, dict]] = []
+        first: list[torch.Tensor] = []
+
+        def grab(module, args, kwargs):
+            if not first:
+                first.append(args[0] if args else kwargs["hidden_states"])
+            rest = args[1:] if args else ()
+            calls.append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
+        try:
+            with torch.no_grad():
+                want = model(**inputs, use_cache=False).logits[positions[:, 0], positions[:, 1]]
+        finally:
+            for h in hooks:
+                h.remove()
+        if len(calls) != len(blocks):
+            return None
+        suffix = cls(blocks, calls, first[0].detach(), head)
+        with torch.no_grad():
+            if not _close(suffix.logits(positions), want):
+                logger.debug("block suffix from %d does not reproduce the logits; running the full model", start)
+                return None
+        return suffix
+
+
 def _forward(model, read: str, write: str, last: str, inputs, add=None):
     """One no-grad forward returning (read's input, last block's output, logits); ``add`` =
     (rows, cols, delta) adds delta to ``write``'s output at those positions."""

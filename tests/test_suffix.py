@@ -80,3 +80,20 @@ def test_t_patcher_trains_the_same_neuron_with_and_without_the_replay(tiny_token
     slow = patch_of(make_tiny_model("llama", tiny_tokenizer))
     for a, b in ((fast.keys, slow.keys), (fast.values, slow.values)):
         assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_suffix_replays_the_model_with_a_hook_inside(family, tiny_tokenizer):
+    """Blocks from 0 replayed with a change hooked into block 1's MLP output equal the full model."""
+    from editpeft.suffix import BlockSuffix
+    model, _, batch, where = _setup(family, tiny_tokenizer)
+    suffix = BlockSuffix.capture(model, 0, batch.model_inputs(), where)
+    assert suffix is not None and len(suffix.blocks) == 2
+    g = torch.Generator().manual_seed(2)
+    width = suffix.hidden.shape[-1]             # an FFN reads and writes the hidden width
+    patch = PatchNeurons(torch.randn(2, width, generator=g), torch.randn(2, generator=g),
+                         torch.randn(2, width, generator=g))
+    with torch.no_grad(), temporary_patch(model, PatchSite.ffn(model, 1), patch):
+        want = model(**batch.model_inputs()).logits[where[:, 0], where[:, 1]]
+        got = suffix.logits(where)
+    assert (got - want).abs().max() <= REPLAY_RTOL * want.abs().max()
