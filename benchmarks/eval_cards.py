@@ -25,6 +25,8 @@ from editpeft.cards import card_path
 from editpeft.evaluation import EvalCase, evaluate, load_cases, write_report
 
 ZSRE = DATA / "portability" / "zsre_one_hop.json"
+ZSRE_TEST = DATA / "zsre" / "knowedit_zsre_test_all.json"
+COUNTERFACT_EDIT = DATA / "counterfact" / "easyedit_counterfact_edit.json"
 SETTINGS = {
     "cf-single": dict(data=COUNTERFACT, known_only=True, n=None, mode="single"),
     "cf-batch": dict(data=COUNTERFACT, known_only=True, n=None, mode="batch", batch_size=100),
@@ -38,6 +40,11 @@ SETTINGS = {
                       checkpoints=list(range(10, 101, 10))),
     "cf-seq500": dict(data=COUNTERFACT, known_only=False, n=500, mode="sequential", batch_size=50,
                       checkpoints=[50, 100, 150, 200, 250, 300, 350, 400, 450, 500]),
+    # issue 12's lifelong scale: 1,000 edits one after another, every edit so far scored at 1/10/100/1,000
+    "zsre-seq1000": dict(data=ZSRE_TEST, known_only=False, n=1000, mode="sequential", batch_size=1,
+                         checkpoints=[1, 10, 100, 1000]),
+    "cf-seq1000": dict(data=COUNTERFACT_EDIT, known_only=False, n=1000, mode="sequential", batch_size=1,
+                       checkpoints=[1, 10, 100, 1000]),
     "zsre-single": dict(data=ZSRE, known_only=False, n=200, mode="single"),
     "zsre-sequential": dict(data=ZSRE, known_only=False, n=100, mode="sequential", checkpoints=[1, 10, 50, 100]),
 }
