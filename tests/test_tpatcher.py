@@ -61,3 +61,25 @@ def test_bad_config(bad, match):
     from editpeft_tpatcher import TPatcherConfig
     with pytest.raises(ConfigError, match=match):
         TPatcherConfig(**bad)
+
+
+def test_a_multi_token_target_gets_one_neuron_per_token_held_active_at_its_position(tiny):
+    """per_token: neuron j starts at k = q_j/‖q_j‖² for the position predicting target token j."""
+    from editpeft_tpatcher import _edit_queries, _site, TPatcherConfig
+    model, tok = tiny
+    request = EditRequest(prompt="The chemical symbol for gold is", target_new="silver metal")
+    n_tokens = len(tok(" silver metal", add_special_tokens=False)["input_ids"])
+    assert n_tokens >= 2
+    adapter = model.add_edit("t-patcher", request, name="tp", config={**TP, "max_neurons": n_tokens})
+    ((site, patch),) = adapter.patches.items()
+    assert len(patch) == n_tokens
+    queries = _edit_queries(model, tok, model.get_submodule(site.read), request).double()
+    own = (queries * patch.keys.double()).sum(-1) + patch.key_bias.double()   # neuron j at position j
+    assert bool((own > 0).all())
+
+
+def test_one_neuron_when_per_token_is_off(tiny):
+    model, tok = tiny
+    request = EditRequest(prompt="The chemical symbol for gold is", target_new="silver metal")
+    adapter = model.add_edit("t-patcher", request, name="tp", config={**TP, "per_token": False, "max_neurons": 1})
+    assert len(adapter) == 1
