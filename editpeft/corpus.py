@@ -56,3 +56,21 @@ def _generated_tokens(model, tokenizer, seq_len: int, seed: int, batch: int = 16
         for row in out:
             yield row[:seq_len].cpu()
         step += 1
+
+
+def corpus_activations(model, tokenizer, module, name: str, n_tokens: int, *, seq_len: int = 128,
+                       seed: int = 0) -> torch.Tensor:
+    """``module``'s input at each of ``n_tokens`` tokens of corpus ``name``, as rows (n_tokens, d):
+    the "other inputs" an edit must leave alone (T-Patcher's memory, WISE's irrelevant inputs).
+
+    >>> rows = corpus_activations(model, tok, model.model.layers[3].mlp, "pydoc", 256)  # doctest: +SKIP
+    """
+    from .probe import activations_at
+    from .tokens import model_device
+    device = model_device(model)
+    rows = []
+    for chunk in token_chunks(name, model, tokenizer, n_tokens, seq_len=seq_len, seed=seed):
+        ids = chunk[None].to(device)
+        acts = activations_at(model, module, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        rows.append(acts.reshape(-1, acts.shape[-1]).float())
+    return torch.cat(rows)

@@ -67,12 +67,12 @@ import torch
 import editpeft
 from editpeft import EditRequest, MethodConfig
 from editpeft.arch import get_arch
-from editpeft.corpus import CORPORA, token_chunks
+from editpeft.corpus import CORPORA, corpus_activations
 from editpeft.method import check
 from editpeft.patches import PatchNeuronAdapter, PatchNeurons, PatchSite, activation_fn, temporary_patch
 from editpeft.probe import activations_at
 from editpeft.suffix import LastBlockReplay
-from editpeft.tokens import TargetBatch, model_device
+from editpeft.tokens import TargetBatch
 from editpeft.train import TrainConfig, train_tensors
 
 logger = logging.getLogger(__name__)
@@ -242,14 +242,7 @@ def _edit_queries(model, tokenizer, read: torch.nn.Module, request: EditRequest)
 
 def _corpus_queries(model, tokenizer, read: torch.nn.Module, config: TPatcherConfig) -> torch.Tensor:
     """FFN inputs of ``memory_tokens`` tokens of unrelated text (the memory the patch stays silent on)."""
-    rows = []
-    device = model_device(model)
-    for chunk in token_chunks(config.memory_corpus, model, tokenizer, config.memory_tokens, seq_len=128,
-                              seed=config.seed):
-        ids = chunk[None].to(device)
-        acts = activations_at(model, read, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        rows.append(acts.reshape(-1, acts.shape[-1]).float())
-    return torch.cat(rows)
+    return corpus_activations(model, tokenizer, read, config.memory_corpus, config.memory_tokens, seed=config.seed)
 
 
 def _mean_top(values: torch.Tensor, k: int) -> torch.Tensor:
