@@ -33,6 +33,9 @@ TINY_CONFIGS = {
     "ft-l": {"layers": [0], "lr": 0.01, "steps": 60, "norm_constraint": 0.5},
     "lora": {"rank": 4, "alpha": 8.0, "lr": 0.02, "steps": 60, "dropout": 0.0},
     # layer 0: on gemma2/3 the last FFN output passes a post-FFN norm, which bounds what a patch there adds
+    # tiny random models: small activations (wide entry bound, Adam) and scores of a few units (small margins)
+    "wise": {"layer": 0, "steps": 80, "optimizer": "adam", "lr": 0.2, "mask_ratio": 0.5, "norm_constraint": 100.0,
+             "alpha": 0.5, "beta": 2.0, "gamma": 1.0, "irrelevant_tokens": 64},
     "t-patcher": {"layer": 0, "steps": 80, "lr": 0.05, "memory_tokens": 200},
 }
 

@@ -20,13 +20,16 @@ from test_routers import ToySide as ToySideRouter
 from toy_methods import ToyPatch
 
 #: One method per adapter shape: low-rank and dense weight deltas, deltas with sequential state,
-#: a codebook, patch neurons, a router with a side model and one without.
+#: a codebook, patch neurons (a toy and T-Patcher's), a routed side memory (WISE), a router with a
+#: side model and one without.
 KINDS = {
     "rome": TINY_CONFIGS["rome"],
     "ft-m": TINY_CONFIGS["ft-m"],
     "alphaedit": TINY_CONFIGS["alphaedit"],
     "grace": TINY_CONFIGS["grace"],
     "toy-patch": {"steps": 30},
+    "t-patcher": TINY_CONFIGS["t-patcher"],
+    "wise": TINY_CONFIGS["wise"],          # sparse shard deltas + per-edit scores: its own validation
     "toy_side": {},
     "logit_bias": {},      # the plugin template (plugins/example_logitbias): a router without side model
 }
