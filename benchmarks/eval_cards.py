@@ -70,6 +70,14 @@ def _compact(summary: dict) -> dict:
     out["median_seconds_per_edit"] = round(e.get("edit_seconds_median", float("nan")), 2)
     out["adapter_bytes"] = int(e.get("adapter_bytes", 0))
     out["peak_memory_mb"] = round(e.get("peak_memory_mb", 0))
+    if summary.get("curve"):       # sequential: the scores, size and memory at every checkpoint
+        c = summary["curve"]
+        out["curve"] = {"edits": [p["edits"] for p in c],
+                        **{f"{metric}_token_em": [round(p["metrics"].get(metric, {}).get("token_em", {}).get(
+                            "mean", float("nan")), 3) for p in c] for metric in ("reliability", "generalization",
+                                                                                 "locality")},
+                        "adapter_bytes": [int(p.get("adapter_bytes", 0)) for p in c],
+                        "peak_memory_mb": [round(p.get("peak_memory_mb", 0)) for p in c]}
     return out
 
 

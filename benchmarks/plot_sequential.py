@@ -4,9 +4,10 @@
         --out ../docs/results/sequential_cf100_batches10.png
 
 Curves come from the harness's run folders (``<folder>/<method>/`` of ``eval_cards.py``
-sequential settings); ``--card M`` adds the points in the ``sequential:`` block of M's card
-(``{metric: [score at each checkpoint]}`` with the checkpoints named by ``checkpoints``), drawn
-dashed since they come from another run. Prints the table it plots.
+sequential settings); ``--card M`` adds the points of M's card — the ``results.<setting>.curve``
+that ``eval_cards.py`` writes for a sequential setting when ``--setting`` names one, else the
+``sequential:`` block (``{metric: [score at each checkpoint]}`` with the checkpoints named by
+``checkpoints``) — drawn dashed since they come from another run. Prints the table it plots.
 """
 from __future__ import annotations
 
@@ -33,23 +34,31 @@ def run_curves(folder: Path) -> dict[str, list[tuple[int, dict[str, float]]]]:
     return out
 
 
-def card_points(method: str, model_type: str) -> list[tuple[int, dict[str, float]]]:
-    block = (yaml.safe_load(Path(card_path(method, model_type)).read_text()) or {}).get("sequential") or {}
+def card_points(method: str, model_type: str, setting: str | None = None) -> list[tuple[int, dict[str, float]]]:
+    """Points from M's card: the curve of ``results.<setting>`` (what ``eval_cards.py`` writes for a
+    sequential setting) when given and present, else the hand-written ``sequential:`` block."""
+    card = yaml.safe_load(Path(card_path(method, model_type)).read_text()) or {}
+    curve = ((card.get("results") or {}).get(setting) or {}).get("curve") if setting else None
+    if curve:
+        return [(n, {m: curve[f"{m}_token_em"][i] for m in METRICS if f"{m}_token_em" in curve})
+                for i, n in enumerate(curve["edits"])]
+    block = card.get("sequential") or {}
     scores, checkpoints = block.get(method) or {}, block.get("checkpoints") or []
     return [(n, {m: scores[m][i] for m in METRICS if m in scores}) for i, n in enumerate(checkpoints)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("folders", nargs="*", type=Path)
     ap.add_argument("--card", nargs="*", default=[], help="methods whose card's sequential points are added")
     ap.add_argument("--model-type", default="llama")
+    ap.add_argument("--setting", help="read card curves from results.<setting> (e.g. zsre-seq1000) where present")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     curves = {}
     for folder in args.folders:
         curves.update(run_curves(folder))
-    dashed = {f"{m} (card)": card_points(m, args.model_type) for m in args.card}
+    dashed = {f"{m} (card)": card_points(m, args.model_type, args.setting) for m in args.card}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
     for ax, metric in zip(axes, METRICS):
         for label, points in [*curves.items(), *dashed.items()]:

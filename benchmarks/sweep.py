@@ -3,9 +3,10 @@
     python benchmarks/sweep.py --layers 2 3 4 6 8 --n 20 --config '{"v_lr": 2.0}'
     python benchmarks/sweep.py --method memit --mode batch --n 47 \\
         --grid '[{"layers": [2, 3, 4], "mom2_update_weight": 1000}, {"layers": [3, 4, 5, 6]}]'
+    python benchmarks/sweep.py --method wise --data zsre --mode sequential --n 20 --grid '[{"lr": 0.01}]'
 
 Prints one row per setting: reliability / generalization / locality (token_em) and median
-seconds per edit. Each run is kept (and resumed) under runs/sweep/<method>-<setting>/.
+seconds per edit (sequential mode: one edit after another, every edit scored after the last). Each run is kept (and resumed) under runs/sweep/<method>-<setting>/.
 """
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ import argparse
 import json
 import re
 
-from common import COUNTERFACT, editable_default_model, print_table
+from common import COUNTERFACT, DATA, editable_default_model, print_table
 
 from editpeft.evaluation import evaluate
+
+
+#: Sweep data: CounterFact's known facts, or zsRE test records (facts the model need not know).
+DATASETS = {"counterfact": (COUNTERFACT, True), "zsre": (DATA / "zsre" / "knowedit_zsre_test_all.json", False)}
 
 
 def main() -> None:
@@ -25,7 +30,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--config", default="{}", help="overrides shared by every setting")
     ap.add_argument("--method", default="rome")
-    ap.add_argument("--mode", default="single", choices=["single", "batch"])
+    ap.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
+    ap.add_argument("--data", default="counterfact", choices=list(DATASETS))
     ap.add_argument("--out", default="runs/sweep")
     args = ap.parse_args()
     settings = [{"layer": layer} for layer in args.layers] + json.loads(args.grid)
@@ -36,8 +42,10 @@ def main() -> None:
     for setting in settings:
         config = {**json.loads(args.config), **setting}
         label = re.sub(r"[^A-Za-z0-9]+", "-", json.dumps(setting, sort_keys=True)).strip("-")
-        s = evaluate(model, tok, args.method, COUNTERFACT, n=args.n, known_only=True, config=config, mode=args.mode,
-                     batch_size=args.n, out=f"{args.out}/{args.method}-{args.mode}-{label}")[args.method]
+        data, known_only = DATASETS[args.data]
+        batch = {"batch_size": 1, "checkpoints": [args.n]} if args.mode == "sequential" else {"batch_size": args.n}
+        s = evaluate(model, tok, args.method, data, n=args.n, known_only=known_only, config=config, mode=args.mode,
+                     out=f"{args.out}/{args.method}-{args.data}-{args.mode}-{label}", **batch)[args.method]
         m = s["metrics"]
         rows.append({"setting": json.dumps(setting), "cases": s["counts"]["scored"],
                      **{k: m[k]["token_em"]["mean"] for k in ("reliability", "generalization", "locality")},

@@ -61,7 +61,8 @@ def summarize(lines: Iterable[dict[str, Any]], settings: dict[str, Any] | None =
         for k in complete:
             at_k = [ln for ln in lines if ln.get("checkpoint") == k]
             curve.append({"edits": k, "metrics": _means(at_k),
-                          "adapter_bytes": max(ln.get("adapter_bytes", 0) for ln in at_k)})
+                          "adapter_bytes": max(ln.get("adapter_bytes", 0) for ln in at_k),
+                          "peak_memory_mb": max(ln.get("peak_memory_mb", 0.0) for ln in at_k)})
             for ln in at_k:
                 seconds.extend(ln.get("edit_seconds_since_last_checkpoint", []))
         out["curve"] = curve
