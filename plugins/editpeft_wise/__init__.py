@@ -45,6 +45,15 @@ Choices where the paper leaves the detail open, and why:
 - **Irrelevant inputs** are ``irrelevant_tokens`` tokens of unrelated text (the built-in corpus),
   the same for every edit; the reference code pairs each edit with one unrelated sample.
 
+**Measured on SmolLM2-135M** (``cards/wise/llama.yaml``): the paper's SGD at lr 1.0 does not learn
+a target in 70 steps here, so the card uses Adam. With irrelevant inputs from the built-in prose
+corpus, every edit lifts the shared shard's scores on *all* question-like tokens: after 10 zsRE
+edits unrelated questions score 40-85 at some token against ε ≈ 34, so routing is not selective and
+later edits overwrite earlier ones (20 sequential edits: reliability 0.63, locality 0.94).
+Question-form irrelevant inputs (zsRE train questions, as the paper pairs each edit with one)
+push those scores down but then the edits are not learned in 70 steps. Per-token routing on a
+576-wide model is the likely limit; the paper's whole-sequence score is the next thing to measure.
+
 **Saved form** (safetensors only): each shard as the flat indices of its mask and D's values there
 (exact: a shard never writes outside its mask); the merged memory sparse the same way when at
 most half its entries are non-zero (an int32 index and a float32 value: 8 bytes an entry against
