@@ -90,8 +90,8 @@ class MeloConfig(MethodConfig):
         "help": "block whose FFN activation (input of its output projection) is the key (null: 70% of "
                 "the depth; the reference code keys GPT2-XL at block 35 of 48)"})
     lora_layers: list | None = field(default=None, metadata={
-        "help": "blocks that get the LoRA blocks, all after key_layer (null: the two after it, as the "
-                "reference code)"})
+        "help": "blocks that get the LoRA blocks: key_layer (its FFN output projection only, which reads the "
+                "key) or later ones (null: the two after it, as the reference code)"})
     target_modules: list | None = field(default=None, metadata={
         "help": "module names in those blocks (as peft matches them), e.g. [up_proj, down_proj]; null: "
                 "the FFN output projection"})
@@ -204,7 +204,8 @@ def routed_lora(x: torch.Tensor, out: torch.Tensor, route: torch.Tensor, a: torc
 
 # -- the adapter --------------------------------------------------------------------------------------
 class MeloAdapter(ModuleHookAdapter):
-    """The database at the key module (``targets[0]``) and block LoRAs on ``targets[1:]``."""
+    """The database at the key module (``targets[0]``) and block LoRAs on the modules of ``factors``:
+    ``targets[1:]``, and the key module itself when it holds blocks too (it reads the key first)."""
 
     def __init__(self, index: BlockIndex, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  request_blocks: list[int], rank: int, scale: float, **common: Any):
@@ -224,8 +225,7 @@ class MeloAdapter(ModuleHookAdapter):
 
     # -- attachment ---------------------------------------------------------------------------
     def hooks(self):
-        key, *loras = self.targets
-        return [(key, "output", self._route_tokens)] + [(t, "output", self._lora_hook(t)) for t in loras]
+        return [(self.targets[0], "output", self._route_tokens)] + [(t, "output", self._lora_hook(t)) for t in self.factors]
 
     def _ensure_live(self, device: torch.device, dtype: torch.dtype) -> tuple:
         live = self._live
@@ -250,12 +250,16 @@ class MeloAdapter(ModuleHookAdapter):
         return contribution
 
     def prepare(self, state) -> None:
-        key, *loras = self.targets
+        key = self.targets[0]
         d_key, _ = linear_dims(state.module(key))
         if self.index.keys.shape[1] != d_key:
             raise AdapterFormatError(f"the MELO keys are {self.index.keys.shape[1]}-dim but {key!r} reads "
                                      f"{d_key}: this adapter was made for another model")
-        for t in loras:
+        expected = _lora_modules(state.model, MeloConfig.from_dict(self.hparams))
+        if list(self.factors) != expected:
+            raise AdapterFormatError(f"the MELO factors are for {list(self.factors)} but its hparams put the blocks on "
+                                     f"{expected}")
+        for t in self.factors:
             d_in, d_out = linear_dims(state.module(t))
             a, b = self.factors[t]
             if a.shape[1] != d_in or b.shape[0] != d_out:
@@ -285,7 +289,8 @@ class MeloAdapter(ModuleHookAdapter):
             raise AdapterFormatError(f"a MELO adapter has a key module and at least one LoRA module; got {targets}")
         r = config.rank_per_block
         factors, n_blocks = {}, None
-        for t in targets[1:]:
+        key_has_blocks = f"{targets[0]}.lora_A" in tensors or f"{targets[0]}.lora_B" in tensors
+        for t in ([targets[0]] if key_has_blocks else []) + targets[1:]:
             a, b = tensors.get(f"{t}.lora_A"), tensors.get(f"{t}.lora_B")
             if a is None or b is None:
                 raise AdapterFormatError(f"MELO tensors {t}.lora_A/{t}.lora_B are missing from the adapter file")
@@ -331,11 +336,30 @@ def _lora_layers(model, config: MeloConfig) -> list[int]:
         return layers
     for x in config.lora_layers:
         arch.check_layer(x)
-    early = [x for x in config.lora_layers if x <= key]
+    early = [x for x in config.lora_layers if x < key]
     if early:
-        raise ConfigError(f"lora_layers {early} are not after key_layer {key}: the key is read before the blocks "
-                          "act, so they must sit in later blocks")
+        raise ConfigError(f"lora_layers {early} come before key_layer {key}: the key is read before the blocks "
+                          "act, so they must sit in that block or later ones")
     return list(config.lora_layers)
+
+
+def _key_module(model, config: MeloConfig) -> str:
+    return get_arch(model).mlp_out_name(_key_layer(model, config))
+
+
+def _lora_modules(model, config: MeloConfig) -> list[str]:
+    """The modules holding blocks, in forward order within each block; in the key layer itself only the
+    key module (the FFN output projection, whose input is the key) may hold them."""
+    arch, key = get_arch(model), _key_module(model, config)
+    spec = SimpleNamespace(target_modules=config.target_modules, layers=_lora_layers(model, config),
+                           stack=arch.layout.default_stack)
+    loras = lora_targets(model, spec)
+    prefix = arch.layer_name(_key_layer(model, config)) + "."
+    early = [t for t in loras if t.startswith(prefix) and t != key]
+    if early:
+        raise ConfigError(f"{early} run before the key is read (the input of {key!r}); in the key layer only its "
+                          "FFN output projection can hold blocks: choose later lora_layers or other target_modules")
+    return loras
 
 
 class Melo(editpeft.EditMethod):
@@ -346,21 +370,18 @@ class Melo(editpeft.EditMethod):
     adapter_class = MeloAdapter
 
     def targets(self, model, config: MeloConfig) -> list[str]:
-        arch = get_arch(model)
-        key = arch.mlp_out_name(_key_layer(model, config))
-        spec = SimpleNamespace(target_modules=config.target_modules, layers=_lora_layers(model, config),
-                               stack=arch.layout.default_stack)
-        return [key, *lora_targets(model, spec)]
+        key = _key_module(model, config)
+        return [key, *(t for t in _lora_modules(model, config) if t != key)]
 
     def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: MeloConfig) -> MeloAdapter:
-        key, *loras = self.targets(model, config)
+        key = _key_module(model, config)
         d_key, _ = linear_dims(model.get_submodule(key))
         factors = {}
-        for t in loras:
+        for t in _lora_modules(model, config):
             d_in, d_out = linear_dims(model.get_submodule(t))
             factors[t] = (torch.zeros(0, d_in), torch.zeros(d_out, 0))
         empty = MeloAdapter(BlockIndex.empty(d_key), factors, [], config.rank_per_block, config.scale,
-                            method=self.name, hparams=config.to_dict(), requests=[], targets=[key, *loras])
+                            method=self.name, hparams=config.to_dict(), requests=[], targets=self.targets(model, config))
         return self._edit(empty, model, tokenizer, requests, config)
 
     def extend(self, adapter: MeloAdapter, model, tokenizer, requests: Sequence[EditRequest],
@@ -377,8 +398,8 @@ class Melo(editpeft.EditMethod):
 
     def _edit(self, adapter: MeloAdapter, model, tokenizer, requests: Sequence[EditRequest],
               config: MeloConfig) -> MeloAdapter:
-        key, *loras = adapter.targets
-        key_module = model.get_submodule(key)
+        key_module = model.get_submodule(adapter.targets[0])
+        loras = list(adapter.factors)
         index, factors = adapter.index, dict(adapter.factors)
         all_requests, blocks = list(adapter.requests), list(adapter.request_blocks)
         r = config.rank_per_block
