@@ -12,7 +12,9 @@ B = [B₁ … B_N] (B_j ∈ R^{d_out×r}). An input x routed to block j gets onl
 and an input routed to no block gets ``h = W₀ x`` — the base model's output, bitwise. A new block
 starts as peft's LoRA does (A_j Kaiming-uniform, B_j = 0). The reference code puts the blocks on the
 FFN of the two blocks after the key layer (``lora_layers``); here the FFN output projection by
-default (``target_modules`` names others, matched as peft matches them).
+default (``target_modules`` names others, matched as peft matches them). The key layer's own FFN
+output projection may hold blocks too (it reads the key as its input, then adds its block): on
+families whose FFN output passes a post-FFN norm (Gemma 2/3) a later block alone is bounded.
 
 **Vector database** (§3.3, "neuron index"). The key of a token is the FFN neurons' activation at
 the key layer l (the input of its FFN output projection), k = a^l(x). The database holds entries
@@ -42,6 +44,10 @@ Choices where the paper leaves the detail open, and why:
   edit's own keys sit at distance 0 from its entries.
 - The reference code halves the learning rate every 20 steps (StepLR) and runs all ``num_iter``
   steps; here the shared loop's constant rate with an early stop below ``stop_loss``.
+- ``init_radius`` is in the key's units, which depend on the model and layer (the paper's 75 on T5,
+  0.5 on GPT2-XL): measure the distances of paraphrases and of unrelated prompts to edit keys and
+  pick a radius between them (``cards/melo/llama.yaml`` records such a measurement).
+- A batch of requests is edited one request after another (the paper trains one block per batch).
 - ``alpha`` default 40 (s = 20 with r = 2) is the reference zsRE setting's effective block scale
   (there α = R and each factor's block is scaled by √(R/r), i.e. s = N = 20).
 
