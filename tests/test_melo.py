@@ -121,6 +121,7 @@ def test_save_load_append_is_bitwise_the_same_as_appending_in_memory(tiny, tmp_p
     ({"rank_per_block": 0}, "rank_per_block"),
     ({"rank_per_block": "2"}, "rank_per_block must be int"),
     ({"init_radius": -1.0}, "init_radius"),
+    ({"max_replay": -1}, "max_replay"),
     ({"target_modules": ["nope"]}, "match no Linear"),
     ({"key_layer": 0, "lora_layers": [0], "target_modules": ["up_proj"]}, "run before the key is read"),
     ({"lr": float("nan")}, "finite"),

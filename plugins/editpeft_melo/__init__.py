@@ -111,6 +111,9 @@ class MeloConfig(MethodConfig):
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (paper zsRE: edit_lr 1e-2)"})
     stop_loss: float | None = field(default=1e-2, metadata={"help": "stop once the target NLL is below this"})
     replay: bool = field(default=True, metadata={"help": "train a joined cluster's earlier edits again with the new one"})
+    max_replay: int | None = field(default=None, metadata={
+        "help": "replay at most this many of the cluster's earlier edits, the most recent (null: all; bounds the "
+                "cost of an edit that joins a large cluster)"})
     seed: int = field(default=0, metadata={"help": "seed of the new blocks' initialisation"})
 
     layer_fields = ("key_layer", "lora_layers")
@@ -129,6 +132,7 @@ class MeloConfig(MethodConfig):
         check(self.init_radius > 0, f"init_radius must be > 0, got {self.init_radius}")
         check(self.steps >= 1 and self.lr > 0, f"steps must be >= 1 and lr > 0, got {self.steps}, {self.lr}")
         check(self.stop_loss is None or self.stop_loss > 0, f"stop_loss must be > 0 or null, got {self.stop_loss}")
+        check(self.max_replay is None or self.max_replay >= 0, f"max_replay must be >= 0 or null, got {self.max_replay}")
 
     @property
     def scale(self) -> float:
@@ -428,6 +432,8 @@ class Melo(editpeft.EditMethod):
                         factors[t] = (torch.cat([a, fresh.a.float().cpu()]), torch.cat([b, fresh.b.float().cpu()], 1))
             index = index.add(keys, config.init_radius, block)
             members = [q for q, j in zip(all_requests, blocks) if j == block] if config.replay else []
+            if config.max_replay is not None:
+                members = members[len(members) - config.max_replay:] if config.max_replay else []
             factors = _train_block(model, tokenizer, key_module, loras, index, factors, block, [*members, request], config)
             all_requests.append(request)
             blocks.append(block)
