@@ -37,7 +37,7 @@ def clean(smol):
     assert_untouched(model, snap)
 
 
-@pytest.mark.parametrize("method", ["rome", "grace", "memit", "alphaedit", "emmet", "t-patcher"])
+@pytest.mark.parametrize("method", ["rome", "grace", "memit", "alphaedit", "emmet", "t-patcher", "melo"])
 def test_known_fact_changes_and_unrelated_stay(clean, method):
     model, tok = clean
     prompts = [EIFFEL.prompt] + UNRELATED

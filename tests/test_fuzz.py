@@ -30,6 +30,7 @@ KINDS = {
     "toy-patch": {"steps": 30},
     "t-patcher": TINY_CONFIGS["t-patcher"],
     "wise": TINY_CONFIGS["wise"],          # sparse shard deltas + per-edit scores: its own validation
+    "melo": TINY_CONFIGS["melo"],          # an index (keys, radii, block ids) + block factors + request blocks
     "toy_side": {},
     "logit_bias": {},      # the plugin template (plugins/example_logitbias): a router without side model
 }
