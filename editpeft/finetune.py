@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import WeightDeltaAdapter
-from .arch import linear_dims
+from .arch import get_arch, is_conv1d, linear_dims
 from .deltas import DenseDelta, LowRankDelta, WeightChange
 from .errors import ConfigError, EditError
 from .locate import context_templates
@@ -309,3 +309,41 @@ class FineTuneMethod(EditMethod):
                                   self.train_config(config), paraphrases=config.train_on_paraphrases,
                                   templates=templates, constraint=self.constraint(config), seed=config.seed)
         return deltas
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def match_modules(model, target_modules: Sequence[str] | None, layers: Sequence[int] | None,
+                  stack: str | None) -> list[str]:
+    """Full names of the projections that ``target_modules`` names, matched as peft matches them
+    (a module's name or its last dotted parts) within the blocks ``layers`` of ``stack`` (None: every
+    block, every stack); ``target_modules`` None means each block's FFN output projection. A key
+    that matches nothing is refused with the module names this family does have.
+
+    >>> match_modules(model, ["q_proj", "down_proj"], [3], None)     # doctest: +SKIP
+    ['model.layers.3.self_attn.q_proj', 'model.layers.3.mlp.down_proj']
+    """
+    arch = get_arch(model)
+    if target_modules is None:
+        chosen = layers if layers is not None else range(arch.num_blocks(stack))
+        return [arch.mlp_out_name(layer, stack) for layer in chosen]
+    stacks = [stack] if stack is not None else list(arch.stacks)
+    found: dict[str, list[str]] = {key: [] for key in target_modules}
+    available: set[str] = set()
+    for st in stacks:
+        for layer in (layers if layers is not None else range(arch.num_blocks(st))):
+            block_name = arch.layer_name(layer, st)
+            for rel, module in arch.module(block_name).named_modules():
+                if not rel or not _is_projection(module):
+                    continue
+                available.add(rel.split(".")[-1])
+                for key in target_modules:
+                    if rel == key or rel.endswith("." + key):
+                        found[key].append(f"{block_name}.{rel}")
+    missing = [k for k, names in found.items() if not names]
+    if missing:
+        raise ConfigError(f"target_modules {missing} match no Linear module in the blocks of this "
+                          f"{arch.model_type} model; its block modules are: {', '.join(sorted(available))}")
+    return list(dict.fromkeys(name for names in found.values() for name in names))

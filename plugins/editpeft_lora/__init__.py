@@ -37,12 +37,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from editpeft.arch import get_arch, is_conv1d
 from editpeft.deltas import LowRankDelta, WeightChange
 from editpeft.errors import ConfigError
-from editpeft.finetune import FineTuneConfig, FineTuneMethod, LoraChange
+from editpeft.finetune import FineTuneConfig, FineTuneMethod, LoraChange, match_modules
 from editpeft.method import check
-from torch import nn
 
 
 @dataclass
@@ -81,36 +79,9 @@ class LoraEditConfig(FineTuneConfig):
         return LoraChange.scaling(self.rank, self.alpha, self.use_rslora)
 
 
-def _is_projection(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def lora_targets(model, config: LoraEditConfig) -> list[str]:
-    """The modules a LoRA edit adapts, by full name; a key that matches nothing is refused with
-    the module names this family does have."""
-    arch = get_arch(model)
-    if config.target_modules is None:
-        layers = config.layers if config.layers is not None else range(arch.num_blocks(config.stack))
-        return [arch.mlp_out_name(layer, config.stack) for layer in layers]
-    stacks = [config.stack] if config.stack is not None else list(arch.stacks)
-    found: dict[str, list[str]] = {key: [] for key in config.target_modules}
-    available: set[str] = set()
-    for stack in stacks:
-        layers = config.layers if config.layers is not None else range(arch.num_blocks(stack))
-        for layer in layers:
-            block_name = arch.layer_name(layer, stack)
-            for rel, module in arch.module(block_name).named_modules():
-                if not rel or not _is_projection(module):
-                    continue
-                available.add(rel.split(".")[-1])
-                for key in config.target_modules:
-                    if rel == key or rel.endswith("." + key):
-                        found[key].append(f"{block_name}.{rel}")
-    missing = [k for k, names in found.items() if not names]
-    if missing:
-        raise ConfigError(f"target_modules {missing} match no Linear module in the blocks of this "
-                          f"{arch.model_type} model; its block modules are: {', '.join(sorted(available))}")
-    return list(dict.fromkeys(name for names in found.values() for name in names))
+    """The modules a LoRA edit adapts, by full name (see :func:`editpeft.finetune.match_modules`)."""
+    return match_modules(model, config.target_modules, config.layers, config.stack)
 
 
 class LoraEdit(FineTuneMethod):

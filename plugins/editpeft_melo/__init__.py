@@ -65,7 +65,6 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import torch
@@ -76,13 +75,12 @@ from editpeft import EditRequest, MethodConfig
 from editpeft.adapters import ModuleHookAdapter
 from editpeft.arch import get_arch, linear_dims
 from editpeft.errors import AdapterFormatError, ConfigError, EditError
-from editpeft.finetune import LoraChange
+from editpeft.finetune import LoraChange, match_modules
 from editpeft.method import check
 from editpeft.probe import activations_at, output_edit
 from editpeft.suffix import BlockSuffix
 from editpeft.tokens import TargetBatch, model_device, seeded_rng
 from editpeft.train import TrainConfig, train_tensors
-from editpeft_lora import lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -361,9 +359,7 @@ def _lora_modules(model, config: MeloConfig) -> list[str]:
     """The modules holding blocks, in forward order within each block; in the key layer itself only the
     key module (the FFN output projection, whose input is the key) may hold them."""
     arch, key = get_arch(model), _key_module(model, config)
-    spec = SimpleNamespace(target_modules=config.target_modules, layers=_lora_layers(model, config),
-                           stack=arch.layout.default_stack)
-    loras = lora_targets(model, spec)
+    loras = match_modules(model, config.target_modules, _lora_layers(model, config), arch.layout.default_stack)
     prefix = arch.layer_name(_key_layer(model, config)) + "."
     early = [t for t in loras if t.startswith(prefix) and t != key]
     if early:
