@@ -30,6 +30,7 @@ KINDS = {
     "toy-patch": {"steps": 30},
     "t-patcher": TINY_CONFIGS["t-patcher"],
     "wise": TINY_CONFIGS["wise"],          # sparse shard deltas + per-edit scores: its own validation
+    "calinet": {**TINY_CONFIGS["calinet"], "slots": 8},   # patch neurons with a gate (SwiGLU host)
     "toy_side": {},
     "logit_bias": {},      # the plugin template (plugins/example_logitbias): a router without side model
 }

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 import editpeft
 from editpeft import EditRequest, MethodConfig
 from editpeft.arch import get_arch
-from editpeft.errors import ConfigError
+from editpeft.errors import AdapterFormatError, ConfigError, EditError
 from editpeft.method import check, model_topology
 from editpeft.patches import PatchNeuronAdapter, PatchNeurons, PatchSite, activation_fn, temporary_patch
 from editpeft.suffix import BlockSuffix, LastBlockReplay
@@ -233,17 +233,38 @@ def _rows(requests: Sequence[EditRequest], paraphrases: bool) -> tuple[list[str]
     return prompts, targets
 
 
+class CaliNetAdapter(PatchNeuronAdapter):
+    """Calibration slots (patch neurons without a trained bias) at one or more FFNs; saved as
+    :class:`~editpeft.patches.PatchNeuronAdapter`. Before attaching, each FFN's slots must have the
+    form the adapter's hparams give on the model (a slots file stripped of its gate, or with another
+    activation, computes something else and is refused)."""
+
+    def prepare(self, state) -> None:
+        super().prepare(state)
+        try:
+            config = CaliNetConfig.from_dict(self.hparams)
+        except EditError as e:
+            raise AdapterFormatError(f"the adapter's hparams are not a CaliNet config: {e}") from None
+        for site, slots in self.patches.items():
+            activation, gated = _slot_form(state.model, site, config)
+            if (slots.activation, slots.gate is not None) != (activation, gated):
+                raise AdapterFormatError(
+                    f"the slots at {site.write!r} are {'gated ' if slots.gate is not None else ''}{slots.activation} "
+                    f"but this adapter's hparams give {'gated ' if gated else ''}{activation} on this model: the "
+                    "file was altered or made for another model; recompute the edit")
+
+
 class CaliNet(editpeft.EditMethod):
     name = "calinet"
     kind = "module_hook"
     Config = CaliNetConfig
-    adapter_class = PatchNeuronAdapter
+    adapter_class = CaliNetAdapter
     topologies = ("causal", "seq2seq")
 
     def targets(self, model, config: CaliNetConfig) -> list[str]:
         return list(dict.fromkeys(m for s in _sites(model, config) for m in (s.read, s.write)))
 
-    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: CaliNetConfig) -> PatchNeuronAdapter:
+    def compute(self, model, tokenizer, requests: Sequence[EditRequest], config: CaliNetConfig) -> CaliNetAdapter:
         arch, stack = get_arch(model), _stack(model)
         d_in, d_out = arch.site_width("mlp_in", stack), arch.site_width("mlp_out", stack)
         generator = torch.Generator().manual_seed(config.seed)
@@ -253,10 +274,10 @@ class CaliNet(editpeft.EditMethod):
             start[site] = fresh_slots(d_in, d_out, config.slots, gated=gated, activation=activation,
                                       generator=generator)
         patches = self._train(model, tokenizer, start, list(requests), config)
-        return PatchNeuronAdapter(patches, method=self.name, hparams=config.to_dict(), requests=list(requests))
+        return CaliNetAdapter(patches, method=self.name, hparams=config.to_dict(), requests=list(requests))
 
-    def extend(self, adapter: PatchNeuronAdapter, model, tokenizer, requests: Sequence[EditRequest],
-               config: CaliNetConfig) -> PatchNeuronAdapter:
+    def extend(self, adapter: CaliNetAdapter, model, tokenizer, requests: Sequence[EditRequest],
+               config: CaliNetConfig) -> CaliNetAdapter:
         sites = _sites(model, config)
         if set(sites) != set(adapter.patches):
             raise ConfigError(f"append trains the adapter's own slots at {[s.write for s in adapter.patches]}; the "
@@ -271,7 +292,7 @@ class CaliNet(editpeft.EditMethod):
             patches = self._train(model, tokenizer, dict(adapter.patches), [*earlier, *requests], config)
         finally:
             adapter.active = was_active
-        return PatchNeuronAdapter(patches, method=self.name, hparams=config.to_dict(),
+        return CaliNetAdapter(patches, method=self.name, hparams=config.to_dict(),
                                   requests=[*adapter.requests, *requests])
 
     def _train(self, model, tokenizer, start: dict[PatchSite, PatchNeurons], requests: list[EditRequest],
