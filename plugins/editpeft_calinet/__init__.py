@@ -18,12 +18,14 @@ the stack that predicts the answer (the reference runs calibrate the last decode
 1e-2; Adam here, the loop every editpeft method shares). Several layers may be calibrated at once
 (``layers``); one adapter holds the slots of all of them.
 
-**Slot form.** The paper writes the slots with the host's activation; its reference code builds
-the calibration FFN in the host's own form — a ReLU FFN beside T5's ReLU FFN, a gated-GELU one
-(``act(H K_cᵀ) ⊙ (H G_cᵀ)``) beside T5 v1.1's gated FFN. So by default (``activation: host``,
-``gated: null``) the slots copy the host: SwiGLU families (llama, mistral, qwen2, gemma) get
-gated slots ``FFN_c(H) = (act(H K_cᵀ) ⊙ H G_cᵀ) V_c`` with act = the host's SiLU/GELU, plain
-families (gpt2, gptj, gpt_neox, opt, t5) plain slots with their activation. A gated slot at a
+**Slot form.** The paper writes FFN_c with the same activation as the FFN it calibrates; its
+reference code builds the calibration FFN in the host's own form — a ReLU FFN beside T5's ReLU
+FFN, a gated-GELU one (``act(H K_cᵀ) ⊙ (H G_cᵀ)``) beside T5 v1.1's gated FFN. So by default
+(``activation: host``, ``gated: null``) the slots copy the host: GLU families (llama, mistral,
+qwen2: SwiGLU; gemma, gemma3: GeGLU; mT5/UMT5) get gated slots ``FFN_c(H) = (act(H K_cᵀ) ⊙ H G_cᵀ)
+V_c`` with the host's act — a slot is then a neuron of the host's own kind, and the gate lets a
+slot's output change sign with the input as the host's neurons can — while plain families
+(gpt2, gptj, gpt_neox, opt, t5) get plain slots with their activation. A gated slot at a
 random key is never exactly silent (SiLU/GELU are non-zero almost everywhere), like the host's
 own neurons; the calibration is spread over all slots, not routed (see *locality* below).
 
@@ -48,9 +50,11 @@ none.
 **Speed.** Slots in the last block change only what that block adds to the residual stream, so
 each step replays the final norm and the head on the captured last-block output
 (:class:`editpeft.suffix.LastBlockReplay`, checked against the model's logits); slots lower down
-replay the blocks from the lowest calibrated one (:class:`editpeft.suffix.BlockSuffix`); where
-neither reproduces the model (encoder-decoder models, Gemma 2/3's post-FFN norm in the last
-block) the full model runs.
+(and slots behind Gemma 2/3's post-FFN norm, where that replay's check fails) replay the blocks
+from the lowest calibrated one (:class:`editpeft.suffix.BlockSuffix`); encoder-decoder models run
+the full model. Behind a post-FFN norm the slots' output is normalised with the host's, which
+bounds what slots in the last block can add (on a tiny Gemma 3 the edit does not reach top-1
+there): an earlier layer is the choice for those families.
 
 **Locality.** Nothing in the paper's objective keeps the slots silent on other inputs: the
 values learnt for the edits are added, weighted by the slots' activations, wherever the host FFN
