@@ -81,6 +81,7 @@ import editpeft
 from editpeft import EditRequest, MethodConfig
 from editpeft.arch import get_arch
 from editpeft.errors import AdapterFormatError, ConfigError, EditError
+from editpeft.finetune import training_pairs
 from editpeft.method import check, model_topology
 from editpeft.patches import PatchNeuronAdapter, PatchNeurons, PatchSite, activation_fn, temporary_patch
 from editpeft.suffix import BlockSuffix, LastBlockReplay
@@ -104,7 +105,7 @@ class CaliNetConfig(MethodConfig):
     activation: str = field(default="host", metadata={
         "help": "the slots' activation: 'host' (the host FFN's, as the reference code) or a transformers name"})
     gated: bool | None = field(default=None, metadata={
-        "help": "gated slots act(x·k) ⊙ (x·g) (null: as the host FFN, gated for SwiGLU families)"})
+        "help": "gated slots act(x·k) ⊙ (x·g) (null: as the host FFN, gated for GLU families such as SwiGLU)"})
     steps: int = field(default=100, metadata={"help": "Adam steps at most per call"})
     lr: float = field(default=1e-2, metadata={"help": "Adam learning rate (paper: 1e-2, Adafactor)"})
     weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
@@ -228,15 +229,6 @@ def _layer_of(arch, site: PatchSite) -> int:
     return int(site.write[len(prefix):].split(".", 1)[0])
 
 
-def _rows(requests: Sequence[EditRequest], paraphrases: bool) -> tuple[list[str], list[str]]:
-    prompts, targets = [], []
-    for r in requests:
-        for p in (r.prompt, *(r.paraphrases if paraphrases else ())):
-            prompts.append(p)
-            targets.append(r.target_new)
-    return prompts, targets
-
-
 class CaliNetAdapter(PatchNeuronAdapter):
     """Calibration slots (patch neurons without a trained bias) at one or more FFNs; saved as
     :class:`~editpeft.patches.PatchNeuronAdapter`. Before attaching, each FFN's slots must have the
@@ -304,7 +296,7 @@ class CaliNet(editpeft.EditMethod):
         """Train the slots ``start`` on ``requests`` (all in one batch); returns the trained slots."""
         device = model_device(model)
         sites = list(start)
-        objective = _Objective(model, tokenizer, sites, *_rows(requests, config.train_on_paraphrases))
+        objective = _Objective(model, tokenizer, sites, *training_pairs(requests, config.train_on_paraphrases))
         names = ("keys", "values") + (("gate",) if start[sites[0]].gate is not None else ())
         params = {f"{i}.{k}": getattr(start[s], k).to(device, torch.float32)
                   for i, s in enumerate(sites) for k in names}
