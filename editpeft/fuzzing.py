@@ -229,7 +229,7 @@ def tensor_mutations(tensors: dict[str, torch.Tensor]) -> Iterator[Mutation]:
                            lambda f, key=key, change=change: _rewrite_tensors(f, lambda ts: _with(ts, key, change(ts[key]))),
                            accept_path=f"tensor:{label}")
         if not bool(tensor.any()):
-            continue   # all zeros (e.g. MELO's block ids with one block): x50 writes the same bytes
+            continue   # all zeros (MELO's block ids with one block, unused biases): x50 writes the same bytes
         yield Mutation(f"tensor {key} scaled x50 (hash not updated)",
                        lambda f, key=key: _rewrite_tensors(f, lambda ts: _with(ts, key, ts[key] * 50), rehash=False))
     first = next(iter(tensors))

@@ -37,7 +37,7 @@ def clean(smol):
     assert_untouched(model, snap)
 
 
-@pytest.mark.parametrize("method", ["rome", "grace", "memit", "alphaedit", "emmet", "t-patcher", "melo"])
+@pytest.mark.parametrize("method", ["rome", "grace", "memit", "alphaedit", "emmet", "t-patcher", "melo", "calinet"])
 def test_known_fact_changes_and_unrelated_stay(clean, method):
     model, tok = clean
     prompts = [EIFFEL.prompt] + UNRELATED
@@ -166,3 +166,19 @@ def test_harness_unedited_and_edited(clean, tmp_path):
     assert m["reliability"]["token_em"]["mean"] == 1.0 and m["reliability"]["prob_margin"]["mean"] == 1.0
     assert m["locality"]["gen_em"]["mean"] == 1.0
     assert not model.edits
+
+
+def test_calinet_append_keeps_both_facts_and_round_trips(clean, tmp_path):
+    """CaliNet (card hparams): a second fact appended trains the same 64 slots further with the first
+    replayed; both edits hold, and the adapter reloads to bitwise the same logits."""
+    model, tok = clean
+    prompts = [EIFFEL.prompt, GOLD.prompt] + UNRELATED
+    model.add_edit("calinet", EIFFEL, name="cal")
+    adapter = model.add_edit("calinet", GOLD, name="cal", append=True)
+    assert len(adapter) == 64 and len(adapter.requests) == 2
+    assert greedy_next_tokens(model, tok, prompts[:2]) == [first_token(tok, EIFFEL), first_token(tok, GOLD)]
+    expected = logits_of(model, tok, prompts)
+    adapter.save_pretrained(tmp_path / "cal")
+    model.remove_edit("cal")
+    model.load_edit(tmp_path / "cal")
+    assert torch.equal(logits_of(model, tok, prompts), expected)  # bitwise: same slots, same hook, same kernels

@@ -161,10 +161,10 @@ def test_tampered_tensors(saved):
 def test_method_not_installed_names_distribution(saved):
     model, _, path = saved
     cfg = json.loads((path / "edit_config.json").read_text())
-    cfg["method"] = "wise"
-    cfg["plugin"] = {"distribution": "editpeft-wise", "version": "1.0"}
+    cfg["method"] = "not-a-method"
+    cfg["plugin"] = {"distribution": "editpeft-not-a-method", "version": "1.0"}
     (path / "edit_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MethodNotInstalledError, match="pip install editpeft-wise"):
+    with pytest.raises(MethodNotInstalledError, match="pip install editpeft-not-a-method"):
         model.load_edit(path)
     assert not model.edits
 

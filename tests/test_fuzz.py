@@ -31,6 +31,7 @@ KINDS = {
     "t-patcher": TINY_CONFIGS["t-patcher"],
     "wise": TINY_CONFIGS["wise"],          # sparse shard deltas + per-edit scores: its own validation
     "melo": TINY_CONFIGS["melo"],          # an index (keys, radii, block ids) + block factors + request blocks
+    "calinet": {**TINY_CONFIGS["calinet"], "slots": 8},   # patch neurons with a gate (SwiGLU host)
     "toy_side": {},
     "logit_bias": {},      # the plugin template (plugins/example_logitbias): a router without side model
 }
