@@ -11,9 +11,10 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 
@@ -59,6 +60,20 @@ class EditAdapter(ABC):
         self._active = bool(value)
         if self._state is not None:
             self._state.sync_merged()
+
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """Switch the adapter off inside the block and restore its switch after — how an append
+        trains the successor of an attached adapter without counting the attached one twice.
+
+        >>> with adapter.switched_off():                                  # doctest: +SKIP
+        ...     successor = train_from(adapter)
+        """
+        was_active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = was_active
 
     # -- serialisation (implemented by kinds / plugins) ---------------------------------------
     @abstractmethod

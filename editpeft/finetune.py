@@ -293,11 +293,8 @@ class FineTuneMethod(EditMethod):
         trained_on = adapter.requests + list(requests) if config.replay else list(requests)
         # The attached adapter is switched off while its successor trains from its tensors, so
         # the change is not counted twice.
-        was_active, adapter.active = adapter.active, False
-        try:
+        with adapter.switched_off():
             deltas = self._train(model, tokenizer, trained_on, changes, config)
-        finally:
-            adapter.active = was_active
         return WeightDeltaAdapter(deltas, method=self.name, hparams=config.to_dict(),
                                   requests=adapter.requests + list(requests))
 

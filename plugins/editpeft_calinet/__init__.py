@@ -282,12 +282,8 @@ class CaliNet(editpeft.EditMethod):
         if config.replay is not None and config.replay < len(earlier):
             rng = random.Random(f"{config.seed}:{len(earlier)}")      # a fresh, reproducible draw per append
             earlier = [earlier[i] for i in sorted(rng.sample(range(len(earlier)), config.replay))]
-        was_active = adapter.active
-        adapter.active = False         # its slots are trained further below; they must not count twice
-        try:
+        with adapter.switched_off():   # its slots are trained further below; they must not count twice
             patches = self._train(model, tokenizer, dict(adapter.patches), [*earlier, *requests], config)
-        finally:
-            adapter.active = was_active
         return CaliNetAdapter(patches, method=self.name, hparams=config.to_dict(),
                                   requests=[*adapter.requests, *requests])
 

@@ -126,13 +126,9 @@ class Grace(editpeft.EditMethod):
         book = adapter.codebook
         # The attached codebook (if any) is switched off while we train: the new codebook
         # replaces it as a whole, so its entries are applied by the training hook instead.
-        was_active = adapter.active
-        adapter.active = False
-        try:
+        with adapter.switched_off():
             for request in requests:
                 book = _edit_one(model, tokenizer, module, book, request, config)
-        finally:
-            adapter.active = was_active
         return GraceAdapter(book, method=self.name, hparams=config.to_dict(),
                             requests=adapter.requests + list(requests), targets=[target])
 

@@ -395,12 +395,8 @@ class Melo(editpeft.EditMethod):
         if self.targets(model, config) != adapter.targets or config.rank_per_block != adapter.rank:
             raise ConfigError("append=True must keep key_layer, lora_layers, target_modules and rank_per_block of "
                               "the adapter; add the edit under a new name to change them")
-        was_active = adapter.active
-        adapter.active = False           # the new adapter replaces this one; it is trained without it
-        try:
+        with adapter.switched_off():     # the new adapter replaces this one; it is trained without it
             return self._edit(adapter, model, tokenizer, requests, config)
-        finally:
-            adapter.active = was_active
 
     def _edit(self, adapter: MeloAdapter, model, tokenizer, requests: Sequence[EditRequest],
               config: MeloConfig) -> MeloAdapter:

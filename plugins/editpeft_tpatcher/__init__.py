@@ -146,13 +146,9 @@ class TPatcher(editpeft.EditMethod):
     def extend(self, adapter: PatchNeuronAdapter, model, tokenizer, requests: Sequence[EditRequest],
                config: TPatcherConfig) -> PatchNeuronAdapter:
         ((site, prior),) = adapter.patches.items()
-        was_active = adapter.active
-        adapter.active = False          # the earlier neurons are applied by the training patch instead
-        try:
+        with adapter.switched_off():    # the earlier neurons are applied by the training patch instead
             return self._patch(model, tokenizer, site, prior, list(adapter.requests), requests, config,
                                memory=getattr(adapter, MEMORY_ATTR, None))
-        finally:
-            adapter.active = was_active
 
     def _patch(self, model, tokenizer, site: PatchSite, prior: PatchNeurons, earlier: list[EditRequest],
                requests: Sequence[EditRequest], config: TPatcherConfig,

@@ -336,12 +336,8 @@ class Wise(editpeft.EditMethod):
 
     def extend(self, adapter: WiseAdapter, model, tokenizer, requests: Sequence[EditRequest],
                config: WiseConfig) -> WiseAdapter:
-        was_active = adapter.active
-        adapter.active = False           # the new memory replaces this one; it is trained without it
-        try:
+        with adapter.switched_off():     # the new memory replaces this one; it is trained without it
             return self._edit(adapter, model, tokenizer, requests, config)
-        finally:
-            adapter.active = was_active
 
     def _edit(self, adapter: WiseAdapter, model, tokenizer, requests: Sequence[EditRequest],
               config: WiseConfig) -> WiseAdapter:
