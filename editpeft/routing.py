@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFormatError, RoutingError
-from .tokens import pad_id
+from .tokens import cache_in, pad_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import RouterAdapter
@@ -250,17 +250,18 @@ class _Group:
         self.pad_id = pad_id
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
-        fn = getattr(runner, "forward", runner)
-        self.takes_positions = "position_ids" in inspect.signature(fn).parameters
+        params = inspect.signature(getattr(runner, "forward", runner)).parameters
+        self.takes_positions = "position_ids" in params
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"      # see tokens.cache_in
 
     def _call(self, ids: torch.Tensor, mask: torch.Tensor, n_new: int, cache: Any, use_cache: bool) -> torch.Tensor:
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": None if bool(mask.all()) else mask,
-                                  "past_key_values": cache, "use_cache": use_cache, "return_dict": True}
+                                  self.cache_kwarg: cache, "use_cache": use_cache, "return_dict": True}
         if self.takes_positions:
             pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             kwargs["position_ids"] = pos[:, -n_new:]
         out = self.runner(**kwargs)
-        self.cache = out.past_key_values if use_cache else None
+        self.cache = cache_in(out) if use_cache else None
         return out.logits
 
     def fresh(self, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool) -> torch.Tensor:
@@ -478,7 +479,7 @@ def _new_session(model: nn.Module, routers: Sequence["RouterAdapter"], base_forw
 def _find_session(model: nn.Module, rs: RoutingState, routers: Sequence["RouterAdapter"], base_forward: Callable,
                   inputs: dict[str, Any]) -> tuple[RoutingSession | None, str]:
     """The session of this forward and its mode: ``"fresh"`` (whole sequences) or ``"step"``."""
-    ids, mask, cache = inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("past_key_values")
+    ids, mask, cache = inputs.get("input_ids"), inputs.get("attention_mask"), cache_in(inputs)
     generation = rs.generations[-1] if rs.generations else None
     if ids is None or (mask is not None and mask.dim() != 2) or getattr(model.config, "is_encoder_decoder", False):
         return None, ""                     # only route() hooks apply (see the module docstring)
@@ -551,7 +552,7 @@ def _core(base_forward: Callable, session: RoutingSession | None, mode: str, inp
             g = group.step(ids, new_mask)
         else:
             full = mask if mask is not None else torch.ones_like(ids)
-            g = group.fresh(ids, full, use_cache=out.past_key_values is not None)
+            g = group.fresh(ids, full, use_cache=cache_in(out) is not None)
         if g.shape[-1] != logits.shape[-1]:
             raise RoutingError(f"{group.label} gives logits over {g.shape[-1]} tokens but the base model over "
                                f"{logits.shape[-1]}; a side model must share the base model's tokenizer")
@@ -584,7 +585,7 @@ def routed_forward(model: nn.Module, routers: Sequence["RouterAdapter"], base_fo
         out = call(0, inputs)
     finally:
         rs.current = previous
-    cache = getattr(out, "past_key_values", None)
+    cache = cache_in(out)
     if session is not None and cache is not None:
         session.cache_length = _cache_length(cache)
         rs.register(cache, session)

@@ -12,9 +12,10 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -309,3 +310,18 @@ def seeded_generate(model, tokenizer, batches: Sequence[tuple[Sequence[str], int
             out.append(model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
                                       pad_token_id=pad_id(tokenizer)))
     return out
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` since transformers 5.24,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_in(inputs_or_output: Any) -> Any:
+    """The KV cache in a forward's keyword arguments or in its output, under either name
+    (see :func:`cache_kwarg`; callers' own decoding loops may still pass ``past_key_values``)."""
+    get = inputs_or_output.get if isinstance(inputs_or_output, Mapping) else (
+        lambda k: getattr(inputs_or_output, k, None))
+    cache = get("cache")
+    return cache if cache is not None else get("past_key_values")

@@ -52,7 +52,7 @@ from editpeft.errors import EditError, EditOptimizationError
 from editpeft.locate import context_templates, in_template
 from editpeft.mass_edit import AppendByStacking, join_deltas
 from editpeft.method import MethodConfig, check
-from editpeft.tokens import greedy_next_tokens, model_device, target_token_ids
+from editpeft.tokens import cache_in, cache_kwarg, greedy_next_tokens, model_device, target_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +143,13 @@ def attribution_scores(model, tokenizer, prompt: str, answer_id: int, targets: S
         model(input_ids=ids, use_cache=False)
     w_bar = torch.stack([as_btd(a[0], ids)[0, -1].float() for a in acts])           # (L, inter)
 
-    n_layers, rows = len(modules), len(modules) * steps
+    rows = len(modules) * steps
     alphas = torch.arange(1, steps + 1, device=device, dtype=torch.float32) / steps
     leaves = (alphas[None, :, None] * w_bar[:, None, :]).requires_grad_(True)       # (L, m, inter)
     cache = None
     if ids.shape[1] > 1:
         with torch.no_grad():
-            cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            cache = cache_in(model(input_ids=ids[:, :-1], use_cache=True))
         cache.batch_repeat_interleave(rows)
     last = ids[:, -1:].expand(rows, 1)
 
@@ -165,7 +165,7 @@ def attribution_scores(model, tokenizer, prompt: str, answer_id: int, targets: S
     try:
         with torch.enable_grad():
             kwargs = dict(input_ids=last, attention_mask=torch.ones(rows, ids.shape[1], dtype=torch.long, device=device),
-                          past_key_values=cache, use_cache=cache is not None)
+                          use_cache=cache is not None, **{cache_kwarg(model): cache})
             logits = model(**kwargs).logits[:, -1].float()
             prob = torch.softmax(logits, -1)[:, answer_id]
             (grad,) = torch.autograd.grad(prob.sum(), leaves)
