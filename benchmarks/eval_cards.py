@@ -84,7 +84,7 @@ def _compact(summary: dict) -> dict:
 def write_card_results(path: Path, block: dict) -> None:
     """Replace the card's top-level ``results:`` block (comments elsewhere are kept)."""
     text = path.read_text()
-    new = yaml.safe_dump({"results": block}, sort_keys=False, width=110)
+    new = yaml.safe_dump({"results": block}, sort_keys=False, width=110, default_flow_style=None)  # curves on one line
     pattern = re.compile(r"^results:\n(?:[ #].*\n|\n)*", re.M)
     text = pattern.sub(new, text) if pattern.search(text) else text.rstrip("\n") + "\n" + new
     path.write_text(text)
