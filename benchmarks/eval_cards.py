@@ -81,10 +81,17 @@ def _compact(summary: dict) -> dict:
     return out
 
 
+class _CardDumper(yaml.SafeDumper):
+    """Block style, but each list (a curve's series) on one line."""
+
+
+_CardDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def write_card_results(path: Path, block: dict) -> None:
     """Replace the card's top-level ``results:`` block (comments elsewhere are kept)."""
     text = path.read_text()
-    new = yaml.safe_dump({"results": block}, sort_keys=False, width=110, default_flow_style=None)  # curves on one line
+    new = yaml.dump({"results": block}, Dumper=_CardDumper, sort_keys=False, width=110)
     pattern = re.compile(r"^results:\n(?:[ #].*\n|\n)*", re.M)
     text = pattern.sub(new, text) if pattern.search(text) else text.rstrip("\n") + "\n" + new
     path.write_text(text)
