@@ -220,6 +220,22 @@ class TargetBatch:
         rows = [i for i, t in enumerate(self.target_ids) if t] if rows is None else rows
         return torch.stack([-lps[i].mean() for i in rows]).mean()
 
+    def target_where(self) -> torch.Tensor:
+        """(n, 2) long tensor of (row, position) for every target token of every row, row by row:
+        where to take logits that :meth:`flat_target_nll` scores."""
+        pairs = [(i, int(p)) for i, t in enumerate(self.target_ids) if t for p in self.target_positions(i)]
+        return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+    def flat_target_nll(self, logits: torch.Tensor) -> torch.Tensor:
+        """:meth:`target_nll` for logits (n, vocab) taken at :meth:`target_where` only: the mean
+        over rows with a target of each row's mean target-token NLL."""
+        rows = [i for i, t in enumerate(self.target_ids) if t]
+        ids = torch.tensor([t for i in rows for t in self.target_ids[i]], device=logits.device)
+        row_of = torch.tensor([k for k, i in enumerate(rows) for _ in self.target_ids[i]], device=logits.device)
+        nll = -F.log_softmax(logits.float(), -1).gather(-1, ids[:, None])[:, 0]
+        per_row = torch.zeros(len(rows), device=logits.device).index_add(0, row_of, nll)
+        return (per_row / torch.bincount(row_of, minlength=len(rows))).mean()
+
 
 def position_limit(config) -> int | None:
     """The longest sequence a model can read when its positions are a fixed table (GPT-2's and

@@ -160,7 +160,7 @@ def test_the_fast_paths_equal_the_full_model(tiny):
         full = _Objective(model, tok, sites, prompts, targets)
         full.replay = full.suffix = None
         want = full.logits(patches)
-        assert want.shape[0] == len(fast.ids) == 1 + len(tok(" silver metal", add_special_tokens=False)["input_ids"])
+        assert want.shape[0] == len(fast.where) == 1 + len(tok(" silver metal", add_special_tokens=False)["input_ids"])
         # two blocks and the head, reordered: depth 3 (conftest's rule)
         assert_close_reordered(fast.logits(patches), want, depth=3)
 

@@ -272,3 +272,16 @@ def test_a_patch_of_another_width_is_refused_on_attach(tiny):
         _attach(model, "p", PatchNeuronAdapter({PatchSite.ffn(model, 0): wrong}, **{**COMMON, "method": "toy-patch"}))
     assert not model.edits
     assert_untouched(model, snap)
+
+
+def test_flat_target_nll_equals_target_nll_at_the_target_positions(tiny):
+    """Logits taken only at ``target_where`` score the same as the full logits through target_nll
+    (rows of different prompt and target lengths; float64 so the two sums agree to rounding)."""
+    from editpeft.tokens import TargetBatch
+    model, tok = tiny
+    batch = TargetBatch.for_model(model, tok, ["The capital of France is", "Gold is"], [" Paris", " a shiny metal"])
+    logits = torch.randn(*batch.input_ids.shape, model.config.vocab_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    where = batch.target_where()
+    assert where.shape[0] == sum(len(t) for t in batch.target_ids)
+    flat = batch.flat_target_nll(logits[where[:, 0], where[:, 1]])
+    assert torch.allclose(flat, batch.target_nll(logits).to(flat.dtype), rtol=1e-6)   # float32 vs float64 sums

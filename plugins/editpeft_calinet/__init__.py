@@ -75,7 +75,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 import editpeft
 from editpeft import EditRequest, MethodConfig
@@ -186,12 +185,7 @@ class _Objective:
         self.model, self.sites = model, sites
         self.batch = TargetBatch.for_model(model, tokenizer, prompts, targets)
         device = self.batch.input_ids.device
-        rows = [i for i in range(len(prompts)) for _ in self.batch.target_ids[i]]
-        cols = [int(p) for i in range(len(prompts)) for p in self.batch.target_positions(i)]
-        self.where = torch.tensor([rows, cols], dtype=torch.long).T
-        self.rows = torch.tensor(rows, device=device)
-        self.ids = torch.tensor([t for ids in self.batch.target_ids for t in ids], device=device)
-        self.counts = torch.tensor([len(t) for t in self.batch.target_ids], device=device, dtype=torch.float32)
+        self.where = self.batch.target_where()
         inputs = self.batch.model_inputs()
         self.replay = self.suffix = None
         if model_topology(model) == "causal":
@@ -218,10 +212,7 @@ class _Objective:
 
     def nll(self, patches: dict[PatchSite, PatchNeurons]) -> torch.Tensor:
         """Mean over rows of each row's mean target-token NLL."""
-        logits = self.logits(patches)
-        logp = F.log_softmax(logits.float(), -1).gather(-1, self.ids.to(logits.device)[:, None])[:, 0]
-        per_row = torch.zeros_like(self.counts, device=logp.device).index_add(0, self.rows.to(logp.device), -logp)
-        return (per_row / self.counts.to(logp.device)).mean()
+        return self.batch.flat_target_nll(self.logits(patches))
 
 
 def _layer_of(arch, site: PatchSite) -> int:

@@ -68,7 +68,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 import editpeft
 from editpeft import EditRequest, MethodConfig
@@ -446,11 +445,7 @@ def _train_block(model, tokenizer, key_module, loras: list[str], index: BlockInd
     inputs = batch.model_inputs()
     acts = activations_at(model, key_module, inputs)
     route = index.to(device).lookup(acts.reshape(-1, acts.shape[-1]))          # fixed: keys precede the blocks
-    rows = [i for i, t in enumerate(batch.target_ids) if t]
-    where = torch.cat([torch.stack([torch.full_like(batch.target_positions(i), i), batch.target_positions(i)], 1)
-                       for i in rows]).to(device)
-    token_ids = torch.tensor([t for i in rows for t in batch.target_ids[i]], device=device)
-    row_of = torch.tensor([k for k, i in enumerate(rows) for _ in batch.target_ids[i]], device=device)
+    where = batch.target_where().to(device)
     first = _first_block(model, loras)
     suffix = BlockSuffix.capture(model, first, inputs, where) if not batch.is_seq2seq else None
     modules = {t: model.get_submodule(t) for t in loras}
@@ -469,9 +464,7 @@ def _train_block(model, tokenizer, key_module, loras: list[str], index: BlockInd
                 logits = suffix.logits(where)
             else:
                 logits = model(**inputs, use_cache=False).logits[where[:, 0], where[:, 1]]
-        nll = -F.log_softmax(logits.float(), -1).gather(-1, token_ids[:, None])[:, 0]
-        per_row = torch.zeros(len(rows), device=device).index_add(0, row_of, nll) / torch.bincount(row_of)
-        return {"target": per_row.mean()}
+        return {"target": batch.flat_target_nll(logits)}
 
     start = {}
     for t, (a, b) in fixed.items():
