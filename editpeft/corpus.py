@@ -2,17 +2,22 @@
 
 ``pydoc`` is the English prose of CPython's own documentation (``pydoc_data.topics``, ~65k
 words, present in every Python install); ``generated`` is text the model samples itself from
-neutral starters. The default was chosen by measurement (see ``cards/rome/llama.yaml``).
+neutral starters; ``questions`` is text the model samples from question openings ("Who", "Which",
+"In which year", ...): unrelated inputs in the form of a knowledge query, drawn from no dataset. The default was chosen by measurement (see ``cards/rome/llama.yaml``).
 """
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 
-CORPORA = ("pydoc", "generated")
+CORPORA = ("pydoc", "generated", "questions")
+
+#: Openings of the ``questions`` corpus.
+QUESTION_STARTERS = ("Who", "What", "When", "Where", "Which", "How many", "In which year", "What is the name of",
+                     "Who was the", "Which country", "What kind of", "Where is the")
 
 
 def pydoc_paragraphs() -> list[str]:
@@ -27,7 +32,11 @@ def token_chunks(name: str, model, tokenizer, n_tokens: int, seq_len: int, seed:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; choose one of {CORPORA}")
     produced = 0
-    source = _pydoc_tokens(tokenizer, seq_len) if name == "pydoc" else _generated_tokens(model, tokenizer, seq_len, seed)
+    if name == "pydoc":
+        source = _pydoc_tokens(tokenizer, seq_len)
+    else:
+        starters = QUESTION_STARTERS if name == "questions" else GENERATED_STARTERS
+        source = _generated_tokens(model, tokenizer, seq_len, seed, starters)
     for chunk in source:
         chunk = chunk[: n_tokens - produced]
         produced += len(chunk)
@@ -46,15 +55,21 @@ def _pydoc_tokens(tokenizer, seq_len: int) -> Iterator[torch.Tensor]:
             buffer = buffer[seq_len:]
 
 
-def _generated_tokens(model, tokenizer, seq_len: int, seed: int, batch: int = 16) -> Iterator[torch.Tensor]:
-    starters = ["The", "In", "A", "It", "When", "This", "One", "People", "Today", "There"]
-    from .tokens import seeded_generate
+#: Openings of the ``generated`` corpus.
+GENERATED_STARTERS = ("The", "In", "A", "It", "When", "This", "One", "People", "Today", "There")
+
+
+def _generated_tokens(model, tokenizer, seq_len: int, seed: int, starters: Sequence[str],
+                      batch: int = 16) -> Iterator[torch.Tensor]:
+    from .tokens import pad_id, seeded_generate
+    pad = pad_id(tokenizer)
     step = 0
     while True:
         prompts = [starters[(step * batch + i) % len(starters)] for i in range(batch)]
         (out,) = seeded_generate(model, tokenizer, [(prompts, seq_len)], seed=seed + step, top_k=50)
         for row in out:
-            yield row[:seq_len].cpu()
+            start = int((row != pad).int().argmax())        # drop the left padding of shorter openings
+            yield row[start:start + seq_len].cpu()
         step += 1
 
 

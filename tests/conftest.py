@@ -35,7 +35,7 @@ TINY_CONFIGS = {
     # layer 0: on gemma2/3 the last FFN output passes a post-FFN norm, which bounds what a patch there adds
     # tiny random models: small activations (wide entry bound, Adam) and scores of a few units (small margins)
     "wise": {"layer": 0, "steps": 80, "optimizer": "adam", "lr": 0.2, "mask_ratio": 0.5, "norm_constraint": 100.0,
-             "alpha": 0.5, "beta": 2.0, "gamma": 1.0, "irrelevant_tokens": 64},
+             "alpha": 0.5, "beta": 2.0, "gamma": 1.0, "irrelevant_tokens": 1024},
     "t-patcher": {"layer": 0, "steps": 80, "lr": 0.05, "memory_tokens": 200},
     # key at block 0, blocks on both FFN output projections (gemma3's post-FFN norm bounds what block 1 alone
     # adds); unrelated prompts' keys lie 5.8-8.5 apart on tiny llama: radius 1.0 keeps the edit's own key

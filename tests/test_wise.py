@@ -1,4 +1,4 @@
-"""WISE: the side memory routes per token by its activation score, shards write only their masks,
+"""WISE: the side memory routes each sequence by its mean activation score, shards write only their masks,
 TIES merges them, and the lifelong state survives save → load → append."""
 from __future__ import annotations
 
@@ -16,16 +16,17 @@ R2 = EditRequest(prompt="The chemical symbol for gold is", target_new="Ag")
 R3 = EditRequest(prompt="The capital of Japan is", target_new="Paris")
 
 
-def test_route_picks_the_highest_scoring_memory_per_token_above_the_threshold():
-    from editpeft_wise import activation_scores, route
+def test_each_row_picks_the_memory_with_the_highest_mean_score_above_the_threshold():
+    from editpeft_wise import activation_scores, choose_memories, sequence_scores
     d1 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])          # reads only feature 0
     d2 = torch.tensor([[0.0, 0.0], [0.0, 3.0]])          # reads only feature 1
-    acts = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [0.1, 0.1]]])   # one row, three tokens
-    out = route(acts, [d1, d2], threshold=1.0)
-    assert torch.equal(out[0, 0], torch.tensor([2.0, 0.0]))          # memory 1 (score 2)
-    assert torch.equal(out[0, 1], torch.tensor([0.0, 3.0]))          # memory 2 (score 3)
-    assert torch.equal(out[0, 2], torch.zeros(2))                    # both below 1: main memory
-    assert torch.allclose(activation_scores(acts, d2)[0], torch.tensor([0.0, 3.0, 0.3]))
+    acts = torch.tensor([[[2.0, 0.0], [4.0, 0.0], [9.0, 9.0]],      # row 0: its third token is padding
+                         [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]],
+                         [[0.1, 0.1], [0.1, 0.0], [0.0, 0.1]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    assert torch.allclose(sequence_scores(acts, mask, d1), torch.tensor([3.0, 0.0, 0.2 / 3]))   # padding ignored
+    assert choose_memories(acts, mask, [d1, d2], threshold=1.0) == [0, 1, None]   # means 3 | 3 | both < 1
+    assert torch.allclose(activation_scores(acts, d2)[1], torch.tensor([3.0, 3.0, 3.0]))
 
 
 def test_ties_merge_trims_elects_the_sign_and_averages_agreeing_entries():
@@ -51,20 +52,28 @@ def test_an_edit_writes_only_its_shard_mask_and_stays_in_the_bound(tiny):
 
 
 def test_unrelated_rows_of_a_batch_keep_the_base_output_exactly(tiny):
-    """Per-token routing: a prompt whose tokens all score below ε gets the main memory bitwise,
-    also when it shares a batch with the edited prompt."""
+    """Routing per sequence: a prompt whose mean score is below ε gets the main memory bitwise, also
+    when it shares a batch with the edited prompt, in forward and in generate."""
     model, tok = tiny
-    before = _logits(model, tok, ["Gold is a", "The city that holds the Eiffel Tower"])
+    prompts = ["Gold is a", "The city that holds the Eiffel Tower"]
+    before = _logits(model, tok, prompts)
+    with model.disabled_edits():
+        base_tokens = _generate(model, tok, prompts)
     adapter = model.add_edit("wise", R1, name="w", config=W)
-    after = _logits(model, tok, ["Gold is a", "The city that holds the Eiffel Tower"])
-    from editpeft_wise import activation_scores
+    after = _logits(model, tok, prompts)
+    from editpeft_wise import sequence_scores
     from editpeft.probe import activations_at
     module = model.get_submodule(adapter.targets[0])
     enc = tok(["Gold is a"], return_tensors="pt")
-    scores = activation_scores(activations_at(model, module, dict(enc)), adapter.memory.deltas()[0])
-    assert bool((scores < adapter.memory.threshold(adapter.act_ratio)).all())
-    assert torch.equal(after[0], before[0])
+    with adapter.switched_off():
+        acts = activations_at(model, module, dict(enc))
+    score = sequence_scores(acts, enc["attention_mask"], adapter.memory.deltas()[0])
+    assert float(score) < adapter.memory.threshold(adapter.act_ratio)
+    assert torch.equal(after[0], before[0])          # bitwise: the main memory's code path, no change added
     assert not torch.equal(after[1], before[1])
+    tokens = _generate(model, tok, prompts)
+    assert torch.equal(tokens[0], base_tokens[0])
+    assert not torch.equal(tokens[1], base_tokens[1])
 
 
 def test_save_load_append_continues_the_lifelong_state(tiny, tmp_path):
@@ -120,6 +129,12 @@ def _logits(model, tok, prompts):
     enc = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**enc).logits[:, -1]
+
+
+def _generate(model, tok, prompts):
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
 
 
 def _rehash(folder):

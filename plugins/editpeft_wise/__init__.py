@@ -9,9 +9,10 @@ whose FFN activation (the projection's input) is a(x), the
 
     activation score    Δ_act(x) = ‖a(x) · (W_v' − W_v)‖₂                                (Eq. 3)
 
-is large where the side memory was edited for x and small elsewhere. **Routing** (Eq. 4): the side
-memory answers when Δ_act(x) ≥ ε, the main memory otherwise, with ε = ``act_ratio`` × the smallest
-score any edit reached when it was made (the reference code's rule).
+is large where the side memory was edited for x and small elsewhere; for a whole input it is the
+mean of the per-token scores over the input's tokens (the reference code's rule). **Routing**
+(Eq. 4): the side memory answers an input when its Δ_act reaches ε, the main memory otherwise,
+with ε = ``act_ratio`` × the smallest score any edit reached when it was made (the reference rule).
 
 **Training** (Eq. 5). Each edit trains W_v' (through the delta D = W_v' − W_v, base model frozen)
 on the edit's teacher-forced target NLL plus the routing margins
@@ -32,27 +33,31 @@ shards, as the reference code does).
 
 Choices where the paper leaves the detail open, and why:
 
-- **Per-token routing.** Δ_act is computed per token and each token picks its memory. The
-  reference code decides once per batch from a mean over every token (padding included); a
-  per-token decision gives each row of a batch its own answer, does not depend on padding, and
-  gives the same result with or without a KV cache in ``generate``. The edit's inputs x_e are
-  therefore its positions that predict the target tokens (the prompt's last token and, teacher
-  forced, the target's), and the side memory is applied at those positions during training —
-  exactly where routing sends them afterwards.
+- **One decision per row, kept for the whole sequence.** The adapter is a router
+  (:class:`editpeft.RouterAdapter`): ``decide`` scores each row of a batch from its own tokens
+  (padding excluded, positions as the row would have alone) and the side memory then serves every
+  token of the rows in scope, generated tokens included. The reference code decides once per
+  batch from a mean that includes padding; per row, a prompt's answer does not depend on what it
+  is batched with.
+- **The edit's inputs** x_e are its prompt alone (what ``generate`` decides on) and its prompt with
+  the target teacher-forced (what a scoring forward decides on); both must score above β. The side
+  memory is applied on every token of the edit while training, as routing applies it.
+- **Irrelevant inputs** are ``irrelevant_tokens`` tokens of unrelated text (a built-in corpus) cut
+  into sequences of ``irrelevant_len`` tokens, every prefix of at least two tokens scored as an
+  input of its own (prompts come in every length; the first tokens of a sequence score high); the
+  same for every edit. The reference code pairs each edit with one unrelated dataset sample.
 - **Several memories.** Inference scores the merged memory and every shard not yet merged and
   takes the highest score (the reference code's WISE-Retrieve rule), so an edit is served from the
   moment it is made, also between merges.
-- **Irrelevant inputs** are ``irrelevant_tokens`` tokens of unrelated text (the built-in corpus),
-  the same for every edit; the reference code pairs each edit with one unrelated sample.
 
 **Measured on SmolLM2-135M** (``cards/wise/llama.yaml``): the paper's SGD at lr 1.0 does not learn
-a target in 70 steps here, so the card uses Adam. With irrelevant inputs from the built-in prose
-corpus, every edit lifts the shared shard's scores on *all* question-like tokens: after 10 zsRE
-edits unrelated questions score 40-85 at some token against ε ≈ 34, so routing is not selective and
-later edits overwrite earlier ones (20 sequential edits: reliability 0.63, locality 0.94).
-Question-form irrelevant inputs (zsRE train questions, as the paper pairs each edit with one)
-push those scores down but then the edits are not learned in 70 steps. Per-token routing on a
-576-wide model is the likely limit; the paper's whole-sequence score is the next thing to measure.
+a target in 70 steps here, so the card uses Adam. The activation score does not separate edits
+from unrelated questions well at this scale: after 10 sequential zsRE edits, 6 of 10 unrelated
+(NQ) questions score above ε, with the prose corpus or with model-generated questions as the
+irrelevant inputs (``benchmarks/wise_routing.py``). 20 sequential edits: 0.95 reliability at 0.84
+locality (β 40, γ 25); more irrelevant text keeps locality (0.97) but then edits written later in a
+shard lower the scores of earlier ones below ε (reliability 0.41). An earlier per-token variant of
+the routing gave 0.63 / 0.94.
 
 **Saved form** (safetensors only): each shard as the flat indices of its mask and D's values there
 (exact: a shard never writes outside its mask); the merged memory sparse the same way when at
@@ -66,6 +71,7 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -74,12 +80,13 @@ import torch
 
 import editpeft
 from editpeft import EditRequest, MethodConfig
-from editpeft.adapters import ModuleHookAdapter
+from editpeft.adapters import RouterAdapter
 from editpeft.arch import get_arch, linear_dims
 from editpeft.corpus import CORPORA, corpus_activations
 from editpeft.errors import AdapterFormatError
 from editpeft.method import check
-from editpeft.probe import activations_at, output_edit
+from editpeft.probe import activations_at, as_btd, output_edit
+from editpeft.routing import Prompts, Route, current_session
 from editpeft.suffix import BlockSuffix
 from editpeft.tokens import TargetBatch, model_device
 from editpeft.train import TrainConfig, train_tensors
@@ -112,6 +119,8 @@ class WiseConfig(MethodConfig):
     merge_every: int = field(default=1000, metadata={"help": "merge the shards every this many edits (merge_freq)"})
     merge_density: float = field(default=0.53, metadata={"help": "TIES: fraction of each shard's entries kept"})
     irrelevant_tokens: int = field(default=256, metadata={"help": "tokens of unrelated text used as x_i"})
+    irrelevant_len: int = field(default=16, metadata={
+        "help": "the unrelated text is cut into sequences of this many tokens (about a question's length)"})
     corpus: str = field(default="pydoc", metadata={"help": f"text of the irrelevant inputs: one of {CORPORA}"})
     seed: int = field(default=0, metadata={"help": "seed of the shard masks and the corpus sample"})
 
@@ -126,7 +135,8 @@ class WiseConfig(MethodConfig):
               "the margins need 0 <= alpha < beta and gamma >= 0")
         check(self.shard_size >= 1 and self.merge_every >= self.shard_size,
               "shard_size must be >= 1 and merge_every >= shard_size")
-        check(self.irrelevant_tokens >= 1, "irrelevant_tokens must be >= 1")
+        check(self.irrelevant_len >= 1 and self.irrelevant_tokens >= self.irrelevant_len,
+              "irrelevant_len must be >= 1 and irrelevant_tokens >= irrelevant_len")
         check(self.optimizer in ("sgd", "adam", "adamw"), f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
         check(self.corpus in CORPORA, f"corpus must be one of {CORPORA}")
 
@@ -168,14 +178,28 @@ def activation_scores(acts: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (acts @ delta.T.to(acts)).norm(dim=-1)
 
 
-def route(acts: torch.Tensor, deltas: Sequence[torch.Tensor], threshold: float) -> torch.Tensor:
-    """The side memory's change to the projection's output for every token (Eq. 4): the delta of the
-    memory with the highest score where that score reaches ``threshold``, zero elsewhere."""
-    outs = torch.stack([acts @ d.T.to(acts) for d in deltas])            # (memories, ..., d_out)
-    scores = outs.norm(dim=-1)
+def sequence_scores(acts: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Δ_act of whole sequences: the mean of the per-token scores over each row's real tokens, for
+    acts (batch, seq, d_in) and mask (batch, seq) (1 for a real token, 0 for padding)."""
+    keep = mask.to(acts.dtype)
+    return (activation_scores(acts, delta) * keep).sum(-1) / keep.sum(-1).clamp_min(1)
+
+
+def prefix_scores(acts: torch.Tensor, delta: torch.Tensor, shortest: int = 2) -> torch.Tensor:
+    """Sequence scores of every prefix of at least ``shortest`` tokens of each row of acts
+    (batch, seq, d_in), flattened: unrelated text stands for prompts of every length."""
+    scores = activation_scores(acts, delta).cumsum(-1)
+    lengths = torch.arange(1, acts.shape[1] + 1, device=scores.device, dtype=scores.dtype)
+    return (scores / lengths)[:, shortest - 1:].flatten()
+
+
+def choose_memories(acts: torch.Tensor, mask: torch.Tensor, deltas: Sequence[torch.Tensor],
+                    threshold: float) -> list[int | None]:
+    """Routing (Eq. 4) per row: the index of the memory whose sequence score is highest, where that
+    score reaches ``threshold``; None (the main memory) elsewhere."""
+    scores = torch.stack([sequence_scores(acts, mask, d) for d in deltas])     # (memories, batch)
     best, which = scores.max(dim=0)
-    chosen = outs.gather(0, which[None, ..., None].expand(1, *outs.shape[1:]))[0]
-    return chosen * (best >= threshold).to(chosen.dtype)[..., None]
+    return [int(k) if float(b) >= threshold else None for b, k in zip(best, which)]
 
 
 def ties_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
@@ -195,8 +219,8 @@ def ties_merge(deltas: Sequence[torch.Tensor], weights: Sequence[float], density
     return torch.where(total > 0, (w * stack * agree).sum(0) / total.clamp_min(1e-12), torch.zeros_like(sign))
 
 
-class WiseAdapter(ModuleHookAdapter):
-    """A side memory at one FFN output projection, routed per token."""
+class WiseAdapter(RouterAdapter):
+    """A side memory at one FFN output projection, routed once per sequence by its activation score."""
 
     def __init__(self, memory: SideMemory, act_ratio: float, **common: Any):
         super().__init__(**common)
@@ -207,25 +231,61 @@ class WiseAdapter(ModuleHookAdapter):
     def __len__(self) -> int:
         return self.memory.num_edits()
 
-    def transform(self, target, inputs, output):
+    def _deltas(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """The memories' deltas on ``like``'s device and dtype (converted once, then reused)."""
         live = self._live
-        if live is None or live[0] != inputs.device or live[1] != inputs.dtype:
-            live = self._live = (inputs.device, inputs.dtype, [d.to(inputs) for d in self.memory.deltas()])
-        if not live[2]:
-            return output
-        return output + route(inputs, live[2], self.memory.threshold(self.act_ratio)).to(output.dtype)
+        if live is None or live[0] != like.device or live[1] != like.dtype:
+            live = self._live = (like.device, like.dtype, [d.to(like) for d in self.memory.deltas()])
+        return live[2]
 
-    def prepare(self, state) -> None:
+    def decide(self, model, prompts: Prompts) -> list[Route | None]:
+        """Eq. 4 for each row from its prompt: the side memory (``entry``: which one) when the
+        prompt's mean activation score reaches ε, the main memory (None) otherwise."""
+        if not self.memory.num_edits():
+            return [None] * len(prompts)
+        module = model.get_submodule(self.targets[0])
+        ids, mask = prompts.input_ids, prompts.attention_mask
+        acts = as_btd(activations_at(model, module, _row_inputs(model, ids, mask)), ids)
+        which = choose_memories(acts, mask.to(acts.device), self._deltas(acts), self.memory.threshold(self.act_ratio))
+        return [None if k is None else Route(entry=k) for k in which]
+
+    def route(self, model, inputs: dict[str, Any], call_next):
+        """Adds the chosen memory's change ``a(x)·Dᵀ`` to the projection's output on every token of
+        the rows in scope (prompt and generated tokens alike); other rows run the main memory."""
+        session = current_session(model)
+        routes = session.routes(self) if session is not None else []
+        chosen = [None if r is None else r.entry for r in routes]
+        ids = inputs.get("input_ids")
+        if ids is None or not any(k is not None for k in chosen):
+            return call_next(inputs)
+        batch, seq = ids.shape
+
+        def add(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            if x.shape[:-1].numel() != batch * seq:
+                return out                 # another router's rewritten rows: this memory does not serve them
+            acts = x.reshape(batch, seq, x.shape[-1])
+            deltas = self._deltas(x)
+            change = torch.zeros(batch, seq, out.shape[-1], dtype=out.dtype, device=out.device)
+            for k in set(c for c in chosen if c is not None):
+                rows = torch.tensor([i for i, c in enumerate(chosen) if c == k], device=x.device)
+                change[rows] = (acts[rows] @ deltas[k].T).to(out.dtype)
+            return out + change.view_as(out)
+
+        with output_edit(model.get_submodule(self.targets[0]), add):
+            return call_next(inputs)
+
+    def attach(self, state) -> None:
         d_in, d_out = linear_dims(state.module(self.targets[0]))
         if (d_out, d_in) != self.memory.dims:
             raise AdapterFormatError(f"the WISE side memory is {self.memory.dims[1]}->{self.memory.dims[0]} but "
                                      f"{self.targets[0]!r} is {d_in}->{d_out}: this adapter was made for another model")
         self._live = None
+        super().attach(state)
 
     # -- saved form --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         m = self.memory
-        out = {"edit_scores": m.edit_scores.float().contiguous()}
+        out = {**super().state_dict(), "edit_scores": m.edit_scores.float().contiguous()}
         for i, (index, delta) in enumerate(m.shards):
             out[f"shard.{i}.index"] = index.to(torch.int32).contiguous()
             out[f"shard.{i}.values"] = delta.flatten()[index].float().contiguous()
@@ -301,6 +361,15 @@ class WiseAdapter(ModuleHookAdapter):
         return cls(memory, act_ratio, **common)
 
 
+def _row_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward inputs for ``ids`` in which every row has the positions it would have alone (from the
+    attention mask, as ``generate`` builds them), so a prompt's score does not depend on its padding."""
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if not bool(mask.all()) and "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return inputs
+
+
 def _check_counts(hparams: dict, n_edits: int, n_shards: int, in_shard: int, merges: int) -> None:
     """The lifelong counters must add up: every merge took ``merge_every`` edits, every closed shard
     ``shard_size``, the open shard ``edits_in_shard`` (1..shard_size)."""
@@ -320,7 +389,7 @@ def _layer(model, config: WiseConfig) -> int:
 
 class Wise(editpeft.EditMethod):
     name = "wise"
-    kind = "module_hook"
+    kind = "router"
     Config = WiseConfig
     adapter_class = WiseAdapter
 
@@ -399,9 +468,12 @@ def _merge(memory: SideMemory, config: WiseConfig) -> None:
 
 
 def _irrelevant_acts(model, tokenizer, module, config: WiseConfig) -> torch.Tensor:
-    """The projection's inputs on ``irrelevant_tokens`` tokens of unrelated text (the x_i)."""
-    return corpus_activations(model, tokenizer, module, config.corpus, config.irrelevant_tokens, seq_len=64,
+    """The projection's inputs on unrelated text (the x_i): ``irrelevant_tokens`` tokens of the corpus
+    cut into sequences of ``irrelevant_len`` tokens, shape (sequences, irrelevant_len, d_in)."""
+    n = max(1, config.irrelevant_tokens // config.irrelevant_len) * config.irrelevant_len
+    acts = corpus_activations(model, tokenizer, module, config.corpus, n, seq_len=config.irrelevant_len,
                               seed=config.seed)
+    return acts.reshape(-1, config.irrelevant_len, acts.shape[-1])
 
 
 def _hinge_mean(x: torch.Tensor) -> torch.Tensor:
@@ -412,16 +484,20 @@ def _hinge_mean(x: torch.Tensor) -> torch.Tensor:
 
 def _train_edit(model, tokenizer, module, layer: int, request: EditRequest, index: torch.Tensor,
                 delta: torch.Tensor, irrelevant: torch.Tensor, config: WiseConfig) -> tuple[torch.Tensor, float]:
-    """Train the open shard's delta on one edit (Eq. 5); returns it and the edit's smallest score."""
+    """Train the open shard's delta on one edit (Eq. 5); returns it and the edit's smallest score.
+
+    The edit's inputs x_e are its prompt alone (what ``generate`` routes on) and the prompt with the
+    target teacher-forced (what a scoring forward routes on); the side memory is applied on every
+    token of the row, as routing applies it to a row in scope."""
     device = model_device(model)
     batch = TargetBatch.for_model(model, tokenizer, [request.prompt], [request.target_new], device=device)
     positions = batch.target_positions(0)
     where = torch.stack([torch.zeros_like(positions), positions], 1).to(device)
-    shape = tuple(batch.input_ids.shape)
-    in_scope = torch.zeros(shape, dtype=torch.bool, device=device)
-    in_scope[0, positions.to(device)] = True
-    acts = activations_at(model, module, batch.model_inputs())
-    edit_acts = acts.reshape(*shape, -1)[in_scope].float()
+    ids = batch.input_ids
+    real = (batch.attention_mask if batch.attention_mask is not None else torch.ones_like(ids))[0].bool()
+    acts = as_btd(activations_at(model, module, batch.model_inputs()), ids)[0].float()     # (seq, d_in)
+    prompt_only = real & (torch.arange(ids.shape[1], device=real.device) <= int(positions[0]))
+    scopes = torch.stack([prompt_only, real]).to(acts.device)                              # x_e: two views
     suffix = BlockSuffix.capture(model, layer, batch.model_inputs(), where)
     mask = torch.zeros(delta.numel(), device=device)
     mask[index.to(device)] = 1.0
@@ -429,10 +505,10 @@ def _train_edit(model, tokenizer, module, layer: int, request: EditRequest, inde
     irrelevant = irrelevant.to(device)
 
     def side(d: torch.Tensor):
-        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            keep = in_scope.reshape(*out.shape[:-1], 1).to(out.dtype)     # OPT flattens the tokens
-            return out + keep * (x @ d.T.to(x)).to(out.dtype)
-        return fn
+        return lambda x, out: out + (x @ d.T.to(x)).to(out.dtype)
+
+    def edit_scores(d: torch.Tensor) -> torch.Tensor:
+        return sequence_scores(acts[None].expand(2, -1, -1), scopes, d)
 
     def loss(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         d = p["delta"]
@@ -442,7 +518,7 @@ def _train_edit(model, tokenizer, module, layer: int, request: EditRequest, inde
             else:
                 logits = model(**batch.model_inputs(), use_cache=False).logits[:, positions]
         nll = batch.target_nll(logits, kept=positions.tolist())
-        s_e, s_i = activation_scores(edit_acts, d), activation_scores(irrelevant, d)
+        s_e, s_i = edit_scores(d), prefix_scores(irrelevant, d)
         margin = (_hinge_mean(s_i - config.alpha) + _hinge_mean(config.beta - s_e)
                   + _hinge_mean(s_i[:, None] - s_e[None, :] + config.gamma))
         if logger.isEnabledFor(logging.DEBUG):
@@ -457,7 +533,9 @@ def _train_edit(model, tokenizer, module, layer: int, request: EditRequest, inde
                                        desc="wise"),
                            grad_masks={"delta": mask}, constraint=lambda p: p["delta"].clamp_(-bound, bound))
     trained = result.params["delta"].float()
-    score = float(activation_scores(edit_acts, trained).min())
+    with torch.no_grad():
+        score = float(edit_scores(trained).min())
+        unrelated = float(prefix_scores(irrelevant, trained).max())
     logger.info("wise %r: %d steps, loss %.4f, edit score %.2f, irrelevant max %.2f", request.prompt, result.steps,
-                result.loss, score, float(activation_scores(irrelevant, trained).max()))
+                result.loss, score, unrelated)
     return trained.cpu(), score

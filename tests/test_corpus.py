@@ -1,0 +1,40 @@
+"""The offline corpora: chunks of the asked length, model-sampled ones without the left padding
+that batching openings of different lengths adds, reproducible from the seed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editpeft.corpus import CORPORA, QUESTION_STARTERS, corpus_activations, token_chunks
+from editpeft.tokens import pad_id
+
+
+@pytest.mark.parametrize("name", CORPORA)
+def test_chunks_have_the_asked_length_and_total(tiny, name):
+    model, tok = tiny
+    chunks = list(token_chunks(name, model, tok, n_tokens=40, seq_len=8, seed=0))
+    assert sum(len(c) for c in chunks) == 40
+    assert all(len(c) == 8 for c in chunks)
+
+
+def test_sampled_question_chunks_start_with_their_opening_not_padding(tiny):
+    model, tok = tiny
+    chunks = list(token_chunks("questions", model, tok, n_tokens=16 * 8, seq_len=8, seed=0))
+    assert all(int(c[0]) != pad_id(tok) for c in chunks)
+    texts = [tok.decode(c).lstrip() for c in chunks]
+    assert all(any(t.startswith(s[:2]) for s in QUESTION_STARTERS) for t in texts), texts
+
+
+def test_sampled_corpora_are_reproducible_from_the_seed(tiny):
+    model, tok = tiny
+    module = model.model.layers[0].mlp.down_proj
+    a = corpus_activations(model, tok, module, "questions", 32, seq_len=8, seed=3)
+    b = corpus_activations(model, tok, module, "questions", 32, seq_len=8, seed=3)
+    assert a.shape == (32, module.in_features)
+    assert torch.equal(a, b)          # bitwise: the same seeded samples through the same kernels
+
+
+def test_unknown_corpus_is_refused(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="unknown corpus"):
+        next(token_chunks("wiki", model, tok, 8, 8))
