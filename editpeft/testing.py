@@ -234,6 +234,7 @@ class _Run:
         self.method, self.family, self.tok, self.config = method, family, tokenizer, config
         self.request, self.expect_top1, self.tmp = request, expect_top1, tmp
         self.prompts = [request.prompt] + PROBES
+        self.editor: Any = None
 
     def fresh(self):
         return enable_editing(make_tiny_model(self.family, self.tok), self.tok)
@@ -248,8 +249,35 @@ class _Run:
         row = TargetBatch.for_model(model, self.tok, [self.request.prompt]).last_prompt[0]
         return float(torch.log_softmax(logits[0, row].double(), -1)[self.target_id(model)])
 
+    def add(self, model, request, **kwargs):
+        """``model.add_edit`` of this method, with the editor when the method uses one."""
+        if self.editor is not None:
+            kwargs["editor"] = self.editor
+        return model.add_edit(self.method, request, **kwargs)
+
     def edit(self, model, name: str = "edit"):
-        return model.add_edit(self.method, self.request, name=name, config=self.config)
+        return self.add(model, self.request, name=name, config=self.config)
+
+
+#: Requests a toy editor is trained on (the contract's own request among them: a tiny random model
+#: has no knowledge for an editor to generalise from; the contract checks the mechanics).
+TOY_EDITOR_REQUESTS = tuple(
+    EditRequest(prompt=p, subject=s, target_new=t, paraphrases=(f"Where is the {s}? In",))
+    for p, s, t in [("The city that holds the {}", "Eiffel Tower", "Rome"),
+                    ("The city that holds the {}", "Colosseum", "Paris"),
+                    ("The {} is located in", "Louvre", "Berlin"),
+                    ("The {} stands in", "Big Ben", "Madrid"),
+                    ("The city of the {} is", "Brandenburg Gate", "London"),
+                    ("The {} can be found in", "Prado", "Tokyo")])
+
+
+def train_toy_editor(method: str, model, tokenizer, config=None, *, steps: int = 20, batch_size: int = 2,
+                     lr: float = 1e-2, **kwargs: Any):
+    """A few steps of :func:`editpeft.train_editor` on :data:`TOY_EDITOR_REQUESTS` (the contract's
+    editor for a tiny model; the same seed gives the same editor)."""
+    from .editors import train_editor
+    return train_editor(method, model, tokenizer, list(TOY_EDITOR_REQUESTS), steps=steps, batch_size=batch_size,
+                        lr=lr, config=config, progress=False, **kwargs)
 
 
 def _check_edit(run: _Run, model) -> None:
@@ -372,43 +400,47 @@ def _check_bad_input(run: _Run, model, snap) -> None:
     impl = get_method(run.method)
     cfg = impl.resolve_config(model, run.config)
     overrides = dict(run.config or {}) if isinstance(run.config, Mapping) else cfg.to_dict()
-    _refused(model, snap, lambda: model.add_edit(run.method, run.request, config={**overrides, "no_such_field": 1}),
+    _refused(model, snap, lambda: run.add(model, run.request, config={**overrides, "no_such_field": 1}),
              "an unknown config field")
     for f in dataclasses.fields(cfg):
         if isinstance(getattr(cfg, f.name), float):
-            _refused(model, snap, lambda n=f.name: model.add_edit(run.method, run.request,
-                                                                  config={**overrides, n: math.nan}),
+            _refused(model, snap, lambda n=f.name: run.add(model, run.request, config={**overrides, n: math.nan}),
                      f"config {f.name}=nan")
     if impl.needs_subject:
         bare = EditRequest(prompt=run.request.prompt, target_new=run.request.target_new)
-        _refused(model, snap, lambda: model.add_edit(run.method, bare, config=run.config), "a request without subject")
+        _refused(model, snap, lambda: run.add(model, bare, config=run.config), "a request without subject")
     if not impl.supports_batch:
-        _refused(model, snap, lambda: model.add_edit(run.method, [run.request, run.request], config=run.config),
-                 "a batch")
+        _refused(model, snap, lambda: run.add(model, [run.request, run.request], config=run.config), "a batch")
     model.add_edit("contract-lowrank", run.request, name="other")
-    _refused(model, params_snapshot(model), lambda: model.add_edit(run.method, run.request, name="other",
-                                                                   append=True, config=run.config),
+    _refused(model, params_snapshot(model), lambda: run.add(model, run.request, name="other", append=True,
+                                                            config=run.config),
              "an append to another method's edit")
     model.remove_edit("other")
     if not impl.supports_extend():
         run.edit(model)
-        _refused(model, params_snapshot(model), lambda: model.add_edit(run.method, run.request, name="edit",
-                                                                       append=True, config=run.config),
+        _refused(model, params_snapshot(model), lambda: run.add(model, run.request, name="edit", append=True,
+                                                                config=run.config),
                  "an append to a method without extend()")
         model.remove_edit("edit")
     other, other_topology = ("t5", "seq2seq") if model_topology(model) == "causal" else ("llama", "causal")
     if other_topology not in impl.topologies:
         foreign = enable_editing(make_tiny_model(other, run.tok), run.tok)
-        _refused(foreign, params_snapshot(foreign), lambda: foreign.add_edit(run.method, run.request, config=run.config),
+        _refused(foreign, params_snapshot(foreign), lambda: run.add(foreign, run.request, config=run.config),
                  f"a {other} model (a topology the method does not declare)")
     assert_untouched(model, snap)
 
 
 def check_method(method: str, family: str = "llama", *, config: Mapping[str, Any] | MethodConfig | None = None,
                  request: EditRequest | None = None, expect_top1: bool = True, tokenizer=None,
-                 checks: Sequence[str] = CHECKS) -> list[str]:
+                 checks: Sequence[str] = CHECKS, editor: Any = None,
+                 editor_training: Mapping[str, Any] | None = None) -> list[str]:
     """Run the plugin contract for ``method`` on a tiny ``family`` model; returns the checks that
-    passed (all of ``checks``) or raises ``AssertionError`` naming the broken promise."""
+    passed (all of ``checks``) or raises ``AssertionError`` naming the broken promise.
+
+    A method that edits with a trained editor (``requires_editor``) gets ``editor`` in every
+    ``add_edit``; without one, a toy editor is trained first on the tiny model
+    (:func:`train_toy_editor`, keyword arguments of :func:`editpeft.train_editor` in
+    ``editor_training``)."""
     unknown = set(checks) - set(CHECKS)
     if unknown:
         raise ValueError(f"unknown checks {sorted(unknown)}; known: {CHECKS}")
@@ -416,6 +448,9 @@ def check_method(method: str, family: str = "llama", *, config: Mapping[str, Any
     with tempfile.TemporaryDirectory(prefix="editpeft-contract-") as tmp, reference_methods():
         run = _Run(method, family, tok, config, request or DEFAULT_REQUEST, expect_top1, Path(tmp))
         model = run.fresh()
+        if editor is None and get_method(method).requires_editor:
+            editor = train_toy_editor(method, model, tok, config, **dict(editor_training or {}))
+        run.editor = editor
         snap, base = params_snapshot(model), logits_of(model, tok, run.prompts)
         passed: list[str] = []
         if {"edit", "toggle", "save_load"} & set(checks):
