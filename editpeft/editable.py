@@ -248,12 +248,15 @@ class EditableMixin:
 
     def load_edit(self, path_or_repo: str | os.PathLike, *, name: str | None = None,
                   revision: str | None = None, subfolder: str | None = None,
-                  allow_mismatch: bool = False, force_download: bool = False) -> EditAdapter:
+                  allow_mismatch: bool = False, force_download: bool = False, editor: Any = None) -> EditAdapter:
         """Load an adapter folder (or a Hub repo ``user/repo``) and attach it on top of the stack.
 
         ``allow_mismatch=True`` attaches an adapter made on other base weights, or by another plugin
         distribution of its method (with a warning); ``force_download=True`` fetches a Hub repo's
-        files again even if the cache has them (after a download that failed its hash check)."""
+        files again even if the cache has them (after a download that failed its hash check).
+        ``editor``: for adapters that answer through their trained editor (SERAC), that editor (a
+        folder, a Hub repo id or an :class:`~editpeft.editors.Editor`) when the one the adapter
+        names cannot be found here."""
         from .loading import load_adapter, resolve_adapter_dir
         state = self._editpeft
         _check_name(name)
@@ -265,6 +268,11 @@ class EditableMixin:
             raise EditError(f"an edit named {name!r} already exists; pass name=... to load it under another name")
         _verify_base(state, adapter, allow_mismatch)
         _verify_targets(state, adapter)
+        if getattr(adapter, "uses_editor", False):
+            from .editors import bind_loaded_editor
+            bind_loaded_editor(adapter, self, state.tokenizer, editor)
+        elif editor is not None:
+            raise EditError(f"this {adapter.method} adapter does not use an editor once made; leave editor= out")
         _report_conflicts(state, name, adapter.requests)
         _attach(state, name, adapter)
         return adapter

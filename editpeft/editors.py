@@ -59,7 +59,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import (BaseModelMismatchError, ConfigError, EditError, EditOptimizationError, EditorFormatError,
-                     MethodNotInstalledError)
+                     EditorRequiredError, MethodNotInstalledError)
 from .atomic import atomic_dir, write_folder_files
 from .fingerprint import base_model_record, check_base_model, model_fingerprint
 from .method import computing
@@ -107,6 +107,8 @@ class Editor:
         self.id: str | None = None
         #: skip the base-model fingerprint check when used (set by ``load_editor(allow_mismatch=True)``)
         self.allow_mismatch = False
+        self._sha: tuple[tuple, str] | None = None          # (tensor identities and versions, sha256)
+        self._checked: tuple | None = None                   # what check_editor last accepted
 
     # -- tensors ------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -132,8 +134,15 @@ class Editor:
 
     @property
     def sha256(self) -> str:
-        """sha256 of the serialised tensors (what ``editor_config.json`` records)."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        """sha256 of the serialised tensors (what ``editor_config.json`` records); computed again only
+        after a tensor was replaced or changed in place (an editor may hold hundreds of MB)."""
+        key = self._tensor_key()
+        if self._sha is None or self._sha[0] != key:
+            self._sha = (key, hashlib.sha256(self.to_bytes()).hexdigest())
+        return self._sha[1]
+
+    def _tensor_key(self) -> tuple:
+        return tuple((k, id(t), t._version) for k, t in sorted(self.tensors.items()))
 
     def provenance(self) -> dict[str, Any]:
         """What an adapter made with this editor records: ``{"id": ..., "sha256": ...}``."""
@@ -296,6 +305,9 @@ def check_editor(method, model, tokenizer, editor: Editor, config) -> None:
     """Refuse an editor of another method, another base model, or with tensors of the wrong shapes."""
     if editor.method != method.name:
         raise EditError(f"editor {editor.id!r} was trained for method {editor.method!r}, not {method.name!r}")
+    accepted = (id(model), editor._tensor_key(), json.dumps(config.to_dict(), sort_keys=True, default=str))
+    if editor._checked == accepted:
+        return                      # the same editor, unchanged, with the same settings on this model
     editor.validate()
     editor.check_base(model, editor.allow_mismatch)
     with _seeded(0, model, "template"):
@@ -313,6 +325,7 @@ def check_editor(method, model, tokenizer, editor: Editor, config) -> None:
             raise EditorFormatError(f"editor tensor {key!r} has shape {tuple(have[key].shape)} but method "
                                     f"{method.name!r} expects {tuple(t.shape)} on this model; the editor is "
                                     "corrupt or was trained for another model")
+    editor._checked = accepted
 
 
 def editor_for_edit(method, model, tokenizer, editor: "Editor | str | os.PathLike | None", config: Any):
@@ -325,6 +338,35 @@ def editor_for_edit(method, model, tokenizer, editor: "Editor | str | os.PathLik
     cfg = method.resolve_config(model, config)
     check_editor(method, model, tokenizer, editor, cfg)
     return editor.to(next(model.parameters()).device), cfg
+
+
+def bind_loaded_editor(adapter, model, tokenizer, editor: "Editor | str | os.PathLike | None") -> None:
+    """Give a loaded adapter that computes with its editor at inference (SERAC routes through the
+    editor's classifier and counterfactual model; its folder holds only the edits) that editor:
+    ``editor`` if given, else the one its ``edit_config.json`` names (a folder or a Hub repo in the
+    cache). The editor's tensors must hash to what the adapter recorded."""
+    from .registry import get_method
+    record = getattr(adapter, "editor", None) or {}
+    if editor is None:
+        ident = record.get("id")
+        try:
+            editor = load_editor(ident) if isinstance(ident, str) else None
+        except EditError:
+            editor = None
+        if editor is None:
+            raise EditorRequiredError(f"this {adapter.method} adapter answers with the editor it was made with "
+                                      f"({ident!r}), which is not a folder or a cached Hub repo here; pass "
+                                      "load_edit(..., editor=<its folder, Hub repo id or Editor>)")
+    elif not isinstance(editor, Editor):
+        editor = load_editor(editor)
+    if record.get("sha256") and editor.sha256 != record["sha256"]:
+        raise EditorFormatError(f"editor {editor.id!r} is not the one this adapter was made with (sha256 "
+                                f"{editor.sha256[:12]}… against the recorded {str(record['sha256'])[:12]}…); "
+                                "load the adapter with the editor that made it")
+    impl = get_method(adapter.method)
+    cfg = impl.resolve_config(model, dict(adapter.hparams))
+    check_editor(impl, model, tokenizer, editor, cfg)
+    adapter.bind_editor(editor.to(next(model.parameters()).device))
 
 
 def push_editor_folder(folder: str | os.PathLike, repo_id: str, *, subfolder: str | None = None,
@@ -437,7 +479,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
     names = sorted(editor.tensors)
     params = [editor.tensors[k].detach().clone().to(device).requires_grad_(True) for k in names]
     editor.tensors = dict(zip(names, params))
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(_param_groups(names, params, lr, impl.editor_lr_scales(cfg)), lr=lr)
     out_dir = Path(out) if out is not None else None
     start, history = _resume_point(out_dir, resume, impl, editor, optimizer, settings)
     if start > steps:
@@ -491,6 +533,20 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
         editor.id = out_dir.name
         logger.info("saved the %s editor to %s", impl.name, out_dir)
     return editor
+
+
+def _param_groups(names: Sequence[str], params: Sequence[torch.Tensor], lr: float,
+                  scales: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Adam parameter groups: each tensor at ``lr`` times the scale of its longest matching name
+    prefix in ``scales`` (1 when none matches), groups in the order of the sorted names."""
+    for prefix, scale in scales.items():
+        if not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+            raise ConfigError(f"editor lr scale for {prefix!r} must be a positive finite number, got {scale!r}")
+    groups: dict[float, list[torch.Tensor]] = {}
+    for name, p in zip(names, params):
+        match = max((k for k in scales if name.startswith(k)), key=len, default=None)
+        groups.setdefault(float(scales[match]) if match is not None else 1.0, []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
 
 
 def _validation_split(requests: list, val_data, val_fraction: float, seed: int) -> tuple[list, list, str | None]:

@@ -191,6 +191,12 @@ class EditMethod(ABC):
         other values to log."""
         raise EditError(f"method {self.name!r} does not learn an editor from data")
 
+    def editor_lr_scales(self, config: MethodConfig) -> Mapping[str, float]:
+        """Learning-rate multipliers for editor tensors, by name prefix (the longest matching prefix
+        wins; default none: every tensor trains at the run's ``lr``). E.g. a pre-trained encoder
+        fine-tuned beside freshly initialised heads: ``{"encoder.": 1e-3}``."""
+        return {}
+
     def editor_eval(self, editor, model, tokenizer, batch: Sequence[EditRequest],
                     config: MethodConfig) -> dict[str, float]:
         """Validation metrics of one batch (default: the values of :meth:`editor_step`, no update)."""

@@ -159,6 +159,22 @@ class TargetBatch:
             input_ids, mask, dec_ids, dec_mask = (t.to(device) for t in (input_ids, mask, dec_ids, dec_mask))
         return cls(input_ids, mask, [len(p) for p in prompt_ids], tids, subj, dec_ids, dec_mask)
 
+    def prefixed(self, prefixes: Sequence[Sequence[int]], pad: int) -> "TargetBatch":
+        """The causal batch with token ids ``prefixes[i]`` before row i (what a router that prepends
+        tokens feeds a model); prompt lengths and subject positions shift accordingly.
+
+        >>> b = TargetBatch.build(tok, ["Paris is in"], ["France"]).prefixed([[5, 6]], pad=0)  # doctest: +SKIP
+        """
+        if self.is_seq2seq:
+            raise ValueError("prefixed() builds causal batches; prepend to a seq2seq prompt before encoding it")
+        rows = [list(map(int, p)) + self.input_ids[i, : self.prompt_len[i] + len(self.target_ids[i])].tolist()
+                for i, p in enumerate(prefixes)]
+        ids, mask = pad_rows(rows, pad)
+        shift = [len(p) for p in prefixes]
+        return TargetBatch(ids.to(self.input_ids.device), mask.to(self.input_ids.device),
+                           [n + k for n, k in zip(self.prompt_len, shift)], self.target_ids,
+                           [s + k if s >= 0 else s for s, k in zip(self.subject_last, shift)])
+
     @property
     def is_seq2seq(self) -> bool:
         return self.decoder_input_ids is not None
