@@ -175,7 +175,10 @@ def _inspect_editor(args) -> int:
     print(f"made with      editpeft {show(config.get('editpeft_version'))} ({show(config['format'])})")
     print(f"base model     {show(base.get('name_or_path'))} ({show(base.get('model_type'))})")
     print(f"fingerprint    {show(base.get('fingerprint'))} over {show(', '.join(map(str, config.get('targets') or [])))}")
-    print(f"tensors sha256 {show(config['tensors_sha256'])} (verified)")
+    if config.get("content_sha256"):            # a JSON-only editor (IKE's demonstration pool)
+        print(f"content sha256 {show(config['content_sha256'])} (verified; JSON only, no tensors)")
+    else:
+        print(f"tensors sha256 {show(config['tensors_sha256'])} (verified)")
     print(f"trained on     {show(training.get('data'))} (sha256 {show(training.get('data_sha256'))}), "
           f"{show(training.get('records'))} records, {show(training.get('steps'))} steps, seed {show(training.get('seed'))}")
     for key, t in tensors.items():
@@ -301,7 +304,8 @@ def cmd_train(args) -> int:
                           val_data=args.val_data, val_fraction=args.val_fraction, max_grad_norm=args.max_grad_norm,
                           progress=not args.no_progress)
     metrics = editor.training.get("metrics") or {}
-    print(f"trained the {args.method} editor for {editor.training['steps']} steps"
+    print((f"built the {args.method} editor from {editor.training['records']} records" if editor.training.get("built")
+           else f"trained the {args.method} editor for {editor.training['steps']} steps")
           + (": " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()) if metrics else ""))
     print(f"saved {args.out} (sha256 {editor.sha256[:12]}...)")
     if args.push:

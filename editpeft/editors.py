@@ -27,6 +27,14 @@ edit with it. The core owns the whole lifecycle, so a method implements only its
   ``{"editor": {"id": ..., "sha256": ...}}`` in its ``edit_config.json``. A method with
   ``requires_editor = True`` refuses to edit without one (:class:`~editpeft.errors.EditorRequiredError`, raised by ``add_edit``).
 
+* **Built editors** — a method that learns nothing by optimisation (IKE's demonstration pool)
+  implements :meth:`~editpeft.EditMethod.build_editor` instead of ``editor_step``:
+  :func:`train_editor` reads the data as evaluation cases (:func:`read_training_cases`: locality
+  prompts keep their answers), builds the editor in one seeded pass and records the same
+  provenance (``steps`` 0). An editor without tensors is *JSON only*: its folder holds
+  ``editor_config.json`` (the content in ``extra``, verified by ``content_sha256``) and the card,
+  no safetensors file; its ``sha256`` is the hash of that content.
+
 (:mod:`editpeft.train` is the other loop: it fits one edit's tensors to its requests; this one
 trains an editor across a dataset, with batches, checkpoints and resuming.)
 
@@ -133,9 +141,17 @@ class Editor:
         return save_safetensors_bytes(self.state_dict())
 
     @property
+    def json_only(self) -> bool:
+        """True for an editor without tensors (e.g. IKE's demonstration pool): saved as JSON only."""
+        return not self.tensors
+
+    @property
     def sha256(self) -> str:
         """sha256 of the serialised tensors (what ``editor_config.json`` records); computed again only
-        after a tensor was replaced or changed in place (an editor may hold hundreds of MB)."""
+        after a tensor was replaced or changed in place (an editor may hold hundreds of MB). A
+        tensor-free editor's is the hash of its JSON content (``extra``)."""
+        if self.json_only:
+            return content_sha256(self.extra)
         key = self._tensor_key()
         if self._sha is None or self._sha[0] != key:
             self._sha = (key, hashlib.sha256(self.to_bytes()).hexdigest())
@@ -189,12 +205,16 @@ class Editor:
         ``README.md``); files of other kinds in ``path`` (a training run's checkpoints) are kept."""
         dest = Path(path)
         dest.mkdir(parents=True, exist_ok=True)
-        blob = self.to_bytes()
-        config = {**self.config(), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
-        files = {WEIGHTS_NAME: blob, CONFIG_NAME: json.dumps(config, indent=2, ensure_ascii=False).encode()}
+        if self.json_only:      # no safetensors file; the content hash stands in for the tensors' hash
+            config, files = {**self.config(), "content_sha256": self.sha256}, {}
+        else:
+            blob = self.to_bytes()
+            config = {**self.config(), "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+            files = {WEIGHTS_NAME: blob}
+        files[CONFIG_NAME] = json.dumps(config, indent=2, ensure_ascii=False).encode()
         if readme:
             files[README_NAME] = render_editor_card(config).encode()
-        _write_files(dest, files)
+        _write_files(dest, files, remove=(WEIGHTS_NAME,) if self.json_only else ())
         if self.id is None:
             self.id = dest.name
         return str(dest)
@@ -228,12 +248,44 @@ class Editor:
 
 # -- reading ---------------------------------------------------------------------------------------
 def read_editor_files(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and verify an editor folder's config and tensors (JSON + safetensors, hash checked)."""
+    """Read and verify an editor folder's config and tensors (JSON + safetensors, hash checked);
+    a JSON-only editor (no safetensors file) has its ``content_sha256`` checked and no tensors."""
     from .io import read_verified_folder
+    if not (Path(folder) / WEIGHTS_NAME).is_file() and (Path(folder) / CONFIG_NAME).is_file():
+        return _read_json_only(Path(folder)), {}
     return read_verified_folder(folder, config_name=CONFIG_NAME, weights_name=WEIGHTS_NAME, fmt=FORMAT,
                                 required=("method", "hparams", "tensors_sha256"), error=EditorFormatError,
                                 what="an editor folder", how_to_fix="download it or train the editor again "
                                 "with `editpeft train`")
+
+
+def content_sha256(extra: Mapping[str, Any]) -> str:
+    """sha256 of a JSON-only editor's content (canonical JSON of its ``extra``)."""
+    return hashlib.sha256(json.dumps(extra, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _read_json_only(folder: Path) -> dict[str, Any]:
+    """The verified config of a JSON-only editor folder."""
+    from .atomic import folder_lock
+    from .io import MAX_CONFIG_BYTES, _read_capped
+    fix = "download it again or build the editor again with `editpeft train`"
+    with folder_lock(folder, shared=True):
+        path = folder / CONFIG_NAME
+        try:
+            config = json.loads(_read_capped(path, MAX_CONFIG_BYTES, EditorFormatError))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise EditorFormatError(f"{path} is not valid JSON ({str(e)[:200]}); the file is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise EditorFormatError(f"{path} is not a {FORMAT} config")
+    for key in ("method", "hparams", "content_sha256"):
+        if key not in config:
+            raise EditorFormatError(f"{WEIGHTS_NAME} is missing from {str(folder)!r} and {CONFIG_NAME} records no "
+                                    f"{key!r} of a JSON-only editor ({fix})")
+    extra = config.get("extra") if isinstance(config.get("extra"), dict) else {}
+    if config["content_sha256"] != content_sha256(extra):
+        raise EditorFormatError(f"the content of {path} does not match its recorded content_sha256: it is corrupt "
+                                f"or was modified ({fix})")
+    return config
 
 
 def resolve_editor_dir(path_or_repo: str | os.PathLike, *, revision: str | None = None,
@@ -404,7 +456,42 @@ def read_training_data(data: "str | os.PathLike | Sequence[EditRequest | Mapping
     harness reads (zsRE, CounterFact, ...), whose rephrasings and locality prompts become the
     requests' ``paraphrases`` and ``locality``.
     """
-    from .evaluation.datasets import load_dataset, read_records
+    from .evaluation.datasets import load_dataset
+    records, name, digest = _read_records(data)
+    if _is_request_list(records):
+        requests = [EditRequest.from_dict(dict(r)) for r in records]
+    else:
+        requests = []
+        for case in load_dataset(records).cases:
+            for r in case.requests:
+                requests.append(dataclasses.replace(
+                    r, paraphrases=r.paraphrases or tuple(p.prompt for p in case.generalization),
+                    locality=r.locality or tuple(p.prompt for ps in case.locality.values() for p in ps)))
+    return requests, name, digest
+
+
+def read_training_cases(data: "str | os.PathLike | Sequence[EditRequest | Mapping[str, Any]]") -> tuple[list, str, str]:
+    """(cases, name, sha256): the data of :func:`read_training_data` as evaluation cases
+    (:class:`~editpeft.evaluation.cases.EvalCase`), whose locality probes keep their answers (what a
+    built editor such as IKE's pool needs). A request list gives one case per request: its
+    paraphrases answered by ``target_new``, its locality prompts without answers."""
+    from .evaluation.cases import EvalCase, Probe
+    from .evaluation.datasets import load_dataset
+    records, name, digest = _read_records(data)
+    if not _is_request_list(records):
+        return list(load_dataset(records).cases), name, digest
+    cases = []
+    for i, raw in enumerate(records):
+        r = EditRequest.from_dict(dict(raw))
+        cases.append(EvalCase(case_id=str(i), source="requests", requests=(r,),
+                              generalization=tuple(Probe(p, (r.target_new,)) for p in r.paraphrases),
+                              locality={"locality": tuple(Probe(p) for p in r.locality)} if r.locality else {}))
+    return cases, name, digest
+
+
+def _read_records(data) -> tuple[list, str, str]:
+    """(raw records, name, sha256) of a training file or list."""
+    from .evaluation.datasets import read_records
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         records = read_records(path)
@@ -415,17 +502,12 @@ def read_training_data(data: "str | os.PathLike | Sequence[EditRequest | Mapping
         digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
     if not records:
         raise ConfigError(f"the training data {name} holds no records")
-    if isinstance(records[0], Mapping) and "prompt" in records[0] and "target_new" in records[0] \
-            and set(records[0]) <= {f.name for f in dataclasses.fields(EditRequest)}:
-        requests = [EditRequest.from_dict(dict(r)) for r in records]
-    else:
-        requests = []
-        for case in load_dataset(records).cases:
-            for r in case.requests:
-                requests.append(dataclasses.replace(
-                    r, paraphrases=r.paraphrases or tuple(p.prompt for p in case.generalization),
-                    locality=r.locality or tuple(p.prompt for ps in case.locality.values() for p in ps)))
-    return requests, name, digest
+    return records, name, digest
+
+
+def _is_request_list(records: list) -> bool:
+    return isinstance(records[0], Mapping) and "prompt" in records[0] and "target_new" in records[0] \
+        and set(records[0]) <= {f.name for f in dataclasses.fields(EditRequest)}
 
 
 def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike | None = None, steps: int = 100,
@@ -462,6 +544,8 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
     if checkpoint_every is not None and checkpoint_every <= 0:
         raise ConfigError(f"checkpoint_every must be positive, got {checkpoint_every}")
     cfg = impl.resolve_config(model, config)
+    if type(impl).builds_editor():
+        return _build_editor(impl, model, tokenizer, data, cfg, out, seed)
     requests, data_name, data_sha = read_training_data(data)
     requests, val, val_sha = _validation_split(requests, val_data, val_fraction, seed)
     eval_every = eval_every or checkpoint_every
@@ -547,6 +631,28 @@ def _param_groups(names: Sequence[str], params: Sequence[torch.Tensor], lr: floa
         match = max((k for k in scales if name.startswith(k)), key=len, default=None)
         groups.setdefault(float(scales[match]) if match is not None else 1.0, []).append(p)
     return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
+
+
+def _build_editor(impl, model, tokenizer, data, cfg, out: str | os.PathLike | None, seed: int) -> Editor:
+    """One seeded pass of ``impl.build_editor`` over the data as cases; provenance as training's (0 steps)."""
+    from .registry import method_info
+    cases, data_name, data_sha = read_training_cases(data)
+    with computing(model), _seeded(seed, model, "build"):
+        editor = impl.build_editor(model, tokenizer, cases, cfg)
+    if not isinstance(editor, Editor) or editor.method != impl.name:
+        raise EditError(f"{impl.name}.build_editor returned {editor!r}, not an Editor of method {impl.name!r}")
+    editor.bind(model)
+    info = method_info(impl.name)
+    editor.plugin = {"distribution": info.distribution, "version": info.version} if info else {}
+    editor.training = {"data": data_name, "data_sha256": data_sha, "records": len(cases), "val_records": 0,
+                       "steps": 0, "built": True, "seed": seed, "metrics": dict(editor.training.get("metrics") or {}),
+                       "history": []}
+    editor.validate()
+    if out is not None:
+        editor.save_pretrained(out)
+        editor.id = Path(out).name
+        logger.info("saved the %s editor to %s", impl.name, out)
+    return editor
 
 
 def _validation_split(requests: list, val_data, val_fraction: float, seed: int) -> tuple[list, list, str | None]:
@@ -637,10 +743,10 @@ def _seeded(seed: int, model, tag: str) -> Iterator[None]:
         yield
 
 
-def _write_files(dest: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` into ``dest`` under the folder's lock, each atomically; the folder's other
-    files (a training run's checkpoints) are kept."""
-    write_folder_files(dest, files, own=tuple(files), overwrite=True)
+def _write_files(dest: Path, files: Mapping[str, bytes], remove: Sequence[str] = ()) -> None:
+    """Write ``files`` into ``dest`` under the folder's lock, each atomically, deleting ``remove``;
+    the folder's other files (a training run's checkpoints) are kept."""
+    write_folder_files(dest, files, own=(*files, *remove), overwrite=True, remove=remove)
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -749,8 +855,9 @@ def render_editor_card(config: Mapping[str, Any]) -> str:
              "", "## Training", "",
              f"- data `{training.get('data')}` (sha256 `{training.get('data_sha256')}`), "
              f"{training.get('records')} records, {training.get('val_records')} for validation",
-             f"- {training.get('steps')} steps, batch size {training.get('batch_size')}, lr {training.get('lr')}, "
-             f"seed {training.get('seed')}", ""]
+             (f"- built in one pass (no optimisation), seed {training.get('seed')}" if training.get("built") else
+              f"- {training.get('steps')} steps, batch size {training.get('batch_size')}, lr {training.get('lr')}, "
+              f"seed {training.get('seed')}"), ""]
     if training.get("metrics"):
         lines += ["| validation metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -760,7 +867,8 @@ def render_editor_card(config: Mapping[str, Any]) -> str:
               "## Provenance", "", f"- editpeft {config.get('editpeft_version')}",
               f"- plugin {plugin.get('distribution')} {plugin.get('version')}",
               f"- base-model fingerprint `{base.get('fingerprint')}` over {', '.join(config.get('targets') or [])}",
-              f"- tensors sha256 `{config.get('tensors_sha256')}`", "",
+              (f"- JSON only, content sha256 `{config.get('content_sha256')}`" if config.get("content_sha256")
+               else f"- tensors sha256 `{config.get('tensors_sha256')}`"), "",
               "## Use", "", "```python", "import editpeft",
               "model = editpeft.enable_editing(model, tokenizer)   # the base model above",
               "editor = editpeft.load_editor(\"<this repo or folder>\")",

@@ -203,10 +203,22 @@ class EditMethod(ABC):
         return {k: float(v.detach() if hasattr(v, "detach") else v)
                 for k, v in self.editor_step(editor, model, tokenizer, batch, config).items()}
 
+    def build_editor(self, model, tokenizer, cases: Sequence[Any], config: MethodConfig):
+        """Build the editor in one pass from training ``cases`` (evaluation cases: requests,
+        paraphrases, locality probes with answers), for methods that learn nothing by optimisation
+        (IKE's demonstration pool); ``train_editor`` then skips the optimisation loop."""
+        raise EditError(f"method {self.name!r} does not build an editor from data")
+
+    @classmethod
+    def builds_editor(cls) -> bool:
+        """True when the editor is built in one pass (:meth:`build_editor`), not trained."""
+        return cls.build_editor is not EditMethod.build_editor
+
     @classmethod
     def trains_editor(cls) -> bool:
-        """True when the method can train its editor (``editpeft train``)."""
-        return cls.init_editor is not EditMethod.init_editor and cls.editor_step is not EditMethod.editor_step
+        """True when the method can train (or build) its editor (``editpeft train``)."""
+        return cls.init_editor is not EditMethod.init_editor and (
+            cls.editor_step is not EditMethod.editor_step or cls.builds_editor())
 
     @classmethod
     def check_capabilities(cls, model, requests: Sequence[EditRequest], *, appending: bool,
