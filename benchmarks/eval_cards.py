@@ -105,7 +105,11 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="do not touch the cards")
     ap.add_argument("--n", type=int, help="override the number of cases of the chosen settings (runs go to "
                                            "<setting>-n<N>/; the card records the count)")
+    ap.add_argument("--editor", action="append", default=[], metavar="METHOD=PATH",
+                    help="the trained editor (folder or Hub repo id) of a method that edits with one, e.g. "
+                         "ike=editors/ike (repeatable)")
     args = ap.parse_args()
+    editors = dict(e.split("=", 1) for e in args.editor)
     model, tok = editable_default_model()
     methods = args.methods or sorted(editpeft.list_methods())
     out = Path(args.out)
@@ -120,7 +124,7 @@ def main() -> None:
         data = s.pop("data")
         if s.pop("first_probes", False):
             data = first_probes(load_cases(data))
-        summaries = evaluate(model, tok, methods, data, out=folder, **s)
+        summaries = evaluate(model, tok, methods, data, out=folder, editors=editors, **s)
         for method, summary in summaries.items():
             results[method][name] = _compact(summary)
     write_report(folders, out)

@@ -165,8 +165,9 @@ class Runner:
     """Evaluates one method on fixed cases; use :func:`evaluate` for the whole pipeline."""
 
     def __init__(self, model, tokenizer, settings: RunSettings, cases: list[EvalCase], run_dir: _RunDir,
-                 progress: bool = True):
+                 progress: bool = True, editor: Any = None):
         self.model, self.tokenizer, self.s, self.cases, self.dir = model, tokenizer, settings, cases, run_dir
+        self.editor = editor        # the trained editor every add_edit gets (methods that use one)
         self.scorer = CaseScorer(model, tokenizer, settings.protocols)
         self.progress = progress
         self.device = next(model.parameters()).device
@@ -183,7 +184,9 @@ class Runner:
         requests = [r for c in cases for r in c.requests]
         start = time.perf_counter()
         try:
-            adapter = self.model.add_edit(self.s.method, requests, name=name, config=self.s.config, append=append)
+            extra = {"editor": self.editor} if self.editor is not None else {}
+            adapter = self.model.add_edit(self.s.method, requests, name=name, config=self.s.config, append=append,
+                                          **extra)
         except EditError as e:
             logger.warning("edit of case(s) %s failed: %s", [c.case_id for c in cases], e)
             return None, time.perf_counter() - start, str(e)
@@ -333,8 +336,11 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
              out: str | Path | None = None, mode: str = "single", n: int | None = None, format: str | None = None,
              config: Any = None, batch_size: int | None = None, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
              protocols: Sequence[str] = PROTOCOLS, known_only: bool = False, shard: tuple[int, int] = (0, 1),
-             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+             overwrite: bool = False, progress: bool = True, editors: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate one or several methods on identical cases; returns ``{method: summary}``.
+
+    ``editors`` maps a method that edits with a trained editor to its editor (an Editor, a folder or
+    a Hub repo id, loaded once for the whole run).
 
     ``data`` is a dataset file (format detected, or named by ``format``) or a list of
     :class:`EvalCase`. ``config`` is one config for every method, or ``{method: config}``.
@@ -375,7 +381,11 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
         except EditError:     # an invalid config: every edit fails and is recorded as failed
             hparams = None
         run_dir = _RunDir(root / method, asdict(settings), [c.case_id for c in cases], overwrite, hparams)
-        Runner(model, tokenizer, settings, cases, run_dir, progress).run()
+        editor = (editors or {}).get(method)
+        if editor is not None and not hasattr(editor, "tensors"):
+            from ..editors import load_editor
+            editor = load_editor(editor)
+        Runner(model, tokenizer, settings, cases, run_dir, progress, editor=editor).run()
         summary = summarize(run_dir.lines(), settings=asdict(settings),
                             counts={"examined": examined, "kept": len(cases), "skipped_records": skipped})
         _write_json(run_dir.path / "summary.json", summary)
