@@ -224,6 +224,11 @@ class EditMethod(ABC):
     def check_capabilities(cls, model, requests: Sequence[EditRequest], *, appending: bool,
                            has_editor: bool = False) -> None:
         """Refuse, before any work, what this method cannot do (raises an :class:`EditError`)."""
+        topology = model_topology(model)
+        if topology not in cls.topologies:
+            raise UnsupportedModelError(f"method {cls.name!r} supports {' and '.join(cls.topologies)} models; this "
+                                        f"{model.config.model_type!r} model is {topology}. Use a method that "
+                                        f"supports {topology} models (editpeft.list_methods())")
         if cls.requires_editor and not has_editor:
             raise EditorRequiredError(
                 f"method {cls.name!r} edits with a trained editor and none was given. Train one with "
@@ -232,11 +237,6 @@ class EditMethod(ABC):
                 "editor=<that folder, a Hub repo id 'user/repo', or the Editor>")
         if has_editor and not cls.trains_editor():
             raise EditError(f"method {cls.name!r} does not use a trained editor; leave editor= out")
-        topology = model_topology(model)
-        if topology not in cls.topologies:
-            raise UnsupportedModelError(f"method {cls.name!r} supports {' and '.join(cls.topologies)} models; this "
-                                        f"{model.config.model_type!r} model is {topology}. Use a method that "
-                                        f"supports {topology} models (editpeft.list_methods())")
         if appending and not cls.supports_extend():
             raise EditError(f"method {cls.name!r} cannot append to an existing adapter; "
                             "add the edit under a new name instead")

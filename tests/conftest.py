@@ -44,6 +44,8 @@ TINY_CONFIGS = {
     # layer 0 as above (gemma3's post-FFN norm bounds slots in the last block: measured, the edit does not
     # reach top-1 there); lr 0.05 and 80 steps as T-Patcher's entry (a random model needs a stronger push; not swept)
     "calinet": {"layers": [0], "steps": 80, "lr": 0.05},
+    # both blocks of the 2-block tiny models; c_edit 1 and a larger initial step: the toy editor trains 20 steps
+    "mend": {"layers": [0, 1], "edit_lr": 1e-3, "c_edit": 1.0},
 }
 
 
