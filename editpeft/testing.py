@@ -4,7 +4,9 @@
 tiny randomly initialised model of one family (built from a config: no download):
 
 - ``edit``: the edit makes the target the model's greedy next token after the prompt (or, with
-  ``expect_top1=False``, raises the target's log-probability);
+  ``expect_top1=False``, raises the target's log-probability; with ``expect_top1=None``, changes
+  the logits at the prompt: in-context methods such as IKE need a model that reads its context,
+  which a random tiny model does not);
 - ``toggle``: ``disabled_edits()``, ``set_active_edits([])`` and switching back are bitwise exact;
 - ``save_load``: save → remove (weights and hooks bitwise as before) → load gives identical logits;
 - ``stacking``: with one reference adapter of each kind (a low-rank weight delta, patch neurons, a
@@ -229,7 +231,7 @@ def reference_methods() -> Iterator[None]:
 class _Run:
     """One method on one family: the pieces every check needs."""
 
-    def __init__(self, method: str, family: str, tokenizer, config, request: EditRequest, expect_top1: bool,
+    def __init__(self, method: str, family: str, tokenizer, config, request: EditRequest, expect_top1: bool | None,
                  tmp: Path):
         self.method, self.family, self.tok, self.config = method, family, tokenizer, config
         self.request, self.expect_top1, self.tmp = request, expect_top1, tmp
@@ -288,6 +290,9 @@ def _check_edit(run: _Run, model) -> None:
         got = greedy_next_tokens(model, run.tok, [run.request.prompt])[0]
         assert got == run.target_id(model), (f"{run.method} on {run.family}: the greedy token after the prompt is "
                                              f"{got} (was {top_before}), not the target {run.target_id(model)}")
+    elif run.expect_top1 is None:
+        after = run.target_logprob(model)
+        assert after != before, f"{run.method} on {run.family}: the edit left log P(target) at {before:.3f}"
     else:
         after = run.target_logprob(model)
         assert after > before, f"{run.method} on {run.family}: log P(target) went from {before:.3f} to {after:.3f}"
@@ -431,7 +436,7 @@ def _check_bad_input(run: _Run, model, snap) -> None:
 
 
 def check_method(method: str, family: str = "llama", *, config: Mapping[str, Any] | MethodConfig | None = None,
-                 request: EditRequest | None = None, expect_top1: bool = True, tokenizer=None,
+                 request: EditRequest | None = None, expect_top1: bool | None = True, tokenizer=None,
                  checks: Sequence[str] = CHECKS, editor: Any = None,
                  editor_training: Mapping[str, Any] | None = None) -> list[str]:
     """Run the plugin contract for ``method`` on a tiny ``family`` model; returns the checks that

@@ -37,6 +37,8 @@ TINY_CONFIGS = {
     "wise": {"layer": 0, "steps": 80, "optimizer": "adam", "lr": 0.2, "mask_ratio": 0.5, "norm_constraint": 100.0,
              "alpha": 0.5, "beta": 2.0, "gamma": 1.0, "irrelevant_tokens": 1024},
     "t-patcher": {"layer": 0, "steps": 80, "lr": 0.05, "memory_tokens": 200},
+    # tiny models read 128 positions: little generation room, so that demonstrations fit beside the fact
+    "ike": {"generation_room": 4},
     # key at block 0, blocks on both FFN output projections (gemma3's post-FFN norm bounds what block 1 alone
     # adds); unrelated prompts' keys lie 5.8-8.5 apart on tiny llama: radius 1.0 keeps the edit's own key
     # (and its bfloat16 copy) in and the others out

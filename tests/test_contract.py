@@ -15,6 +15,9 @@ from conftest import TINY_CONFIGS
 from toy_methods import TOY_METHODS
 
 INSTALLED = sorted(editpeft.list_methods())
+#: In-context methods need a model that reads its context, which a random tiny model does not: the
+#: contract checks that the edit changes the prompt's logits, not in which direction.
+READS_CONTEXT = {"ike"}
 FAMILIES = CAUSAL_FAMILIES + ("t5",)
 
 
@@ -37,7 +40,7 @@ def test_installed_method_contract(method, family, tiny_tokenizer):
     known = method in TINY_CONFIGS
     # KN edits a handful of neurons of a random model: it moves the target's probability, rarely to top-1
     passed = check_method(method, family, config=TINY_CONFIGS.get(method), tokenizer=tiny_tokenizer,
-                          expect_top1=known and method != "kn")
+                          expect_top1=None if method in READS_CONTEXT else known and method != "kn")
     assert passed == list(editpeft.testing.CHECKS)
 
 
