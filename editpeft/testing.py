@@ -260,6 +260,23 @@ class _Run:
     def edit(self, model, name: str = "edit"):
         return self.add(model, self.request, name=name, config=self.config)
 
+    def load(self, model, folder):
+        """``model.load_edit`` of a saved folder; this method's adapters get the editor (an adapter
+        answering through its editor, e.g. SERAC's, needs it back; others ignore the editor's absence)."""
+        adapter_method = _saved_method(folder)
+        if self.editor is not None and adapter_method == self.method \
+                and getattr(get_method(self.method).adapter_class, "uses_editor", False):
+            return model.load_edit(folder, editor=self.editor)
+        return model.load_edit(folder)
+
+
+def _saved_method(folder) -> str | None:
+    import json
+    try:
+        return json.loads((Path(folder) / "edit_config.json").read_text()).get("method")
+    except (OSError, ValueError):
+        return None
+
 
 #: Requests a toy editor is trained on (the contract's own request among them: a tiny random model
 #: has no knowledge for an editor to generalise from; the contract checks the mechanics).
@@ -316,7 +333,7 @@ def _check_save_load(run: _Run, model, base, edited, snap) -> None:
     model.remove_edit("edit")
     assert torch.equal(logits_of(model, run.tok, run.prompts), base), "remove_edit() did not restore the base logits"
     assert_untouched(model, snap)
-    model.load_edit(folder)
+    run.load(model, folder)
     assert torch.equal(logits_of(model, run.tok, run.prompts), edited), "save → load changed the logits"
     model.remove_edit("edit")
     assert_untouched(model, snap)
@@ -358,7 +375,7 @@ def _check_stacking(run: _Run, model, base, snap) -> None:
         assert torch.equal(logits_of(model, run.tok, run.prompts), base), f"{order}: removing every edit is not the base"
         assert_untouched(model, snap)
         for name in names:
-            model.load_edit(folder / name)
+            run.load(model, folder / name)
         assert torch.equal(logits_of(model, run.tok, run.prompts), stacked), f"{order}: the reloaded stack differs"
         for name in names:
             model.remove_edit(name)

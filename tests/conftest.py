@@ -39,6 +39,8 @@ TINY_CONFIGS = {
     "t-patcher": {"layer": 0, "steps": 80, "lr": 0.05, "memory_tokens": 200},
     # tiny models read 128 positions: little generation room, so that demonstrations fit beside the fact
     "ike": {"generation_room": 4},
+    # the contract's toy editor trains at lr 1e-2: the pre-trained sentence encoder only at 1e-5 of it
+    "serac": {"classifier_lr_scale": 1e-3},
     # key at block 0, blocks on both FFN output projections (gemma3's post-FFN norm bounds what block 1 alone
     # adds); unrelated prompts' keys lie 5.8-8.5 apart on tiny llama: radius 1.0 keeps the edit's own key
     # (and its bfloat16 copy) in and the others out
