@@ -32,10 +32,29 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidRequestError
+from .arch import get_arch, linear_dims
+from .errors import ConfigError, InvalidRequestError
 from .probe import output_edit
 from .request import EditRequest
 from .tokens import TargetBatch, model_device
+
+
+def edited_modules(model, layers: Sequence[int], modules: Sequence[str]) -> list[str]:
+    """Full names of the modules edited: ``modules`` (or the MLP output projection) of each block."""
+    arch = get_arch(model)
+    n = arch.num_layers
+    names = []
+    for layer in layers:
+        index = arch.check_layer(layer + n if layer < 0 else layer)
+        if modules:
+            names += [f"{arch.layer_name(index)}.{m}" for m in modules]
+        else:
+            names.append(arch.mlp_out_name(index))
+    for name in names:
+        linear_dims(arch.module(name))     # a Linear/Conv1D, or a clear error
+    if len(set(names)) != len(names):
+        raise ConfigError(f"layers {list(layers)} name the same block twice; list each block once")
+    return names
 
 
 @dataclass

@@ -50,6 +50,7 @@ TINY_CONFIGS = {
     "calinet": {"layers": [0], "steps": 80, "lr": 0.05},
     # both blocks of the 2-block tiny models; c_edit 1 and a larger initial step: the toy editor trains 20 steps
     "mend": {"layers": [0, 1], "edit_lr": 1e-3, "c_edit": 1.0},
+    "ke": {"layers": [0, 1]},
 }
 
 

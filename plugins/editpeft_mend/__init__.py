@@ -45,10 +45,10 @@ import torch.nn.functional as F
 
 import editpeft
 from editpeft import EditRequest, MethodConfig, WeightDeltaAdapter
-from editpeft.arch import get_arch, linear_dims
+from editpeft.arch import linear_dims
 from editpeft.deltas import LowRankDelta
 from editpeft.editors import Editor
-from editpeft.gradedit import EditProbe, GradFactors, gradient_factors, routed_deltas
+from editpeft.gradedit import EditProbe, GradFactors, edited_modules, gradient_factors, routed_deltas
 from editpeft.method import check
 from editpeft.tokens import TargetBatch, model_device
 
@@ -79,24 +79,6 @@ class MendConfig(MethodConfig):
         check(self.c_edit >= 0 and self.c_loc >= 0, "c_edit and c_loc must be >= 0")
         check(self.locality_prompts >= 0, "locality_prompts must be >= 0")
         check(self.init_scale >= 0, "init_scale must be >= 0")
-
-
-def edited_modules(model, layers: Sequence[int], modules: Sequence[str]) -> list[str]:
-    """Full names of the modules edited: ``modules`` (or the MLP output projection) of each block."""
-    arch = get_arch(model)
-    n = arch.num_layers
-    names = []
-    for layer in layers:
-        index = arch.check_layer(layer + n if layer < 0 else layer)
-        if modules:
-            names += [f"{arch.layer_name(index)}.{m}" for m in modules]
-        else:
-            names.append(arch.mlp_out_name(index))
-    for name in names:
-        linear_dims(arch.module(name))     # a Linear/Conv1D, or a clear error
-    if len(set(names)) != len(names):
-        raise editpeft.ConfigError(f"layers {list(layers)} name the same block twice; list each block once")
-    return names
 
 
 def shape_key(model, name: str) -> str:
