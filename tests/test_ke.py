@@ -112,8 +112,7 @@ def test_embedded_model_known_fact_changes_and_unrelated_answers_stay(smol):
                          paraphrases=(f"{c}'s capital city is",), locality=("The chemical symbol for gold is",
                                                                              "The largest ocean on Earth is the"))
              for i, c in enumerate(countries)]
-    editor = editpeft.train_editor("ke", model, tok, train, steps=24, batch_size=4, lr=1e-2, progress=False,
-                                   config={"max_scale": 8.0})
+    editor = editpeft.train_editor("ke", model, tok, train, steps=24, batch_size=4, lr=1e-3, progress=False)
     fact = EditRequest(prompt="The capital of France is", target_new="London")
     unrelated = ["The chemical symbol for gold is", "The Eiffel Tower is located in", "Water is made of"]
     before = greedy_next_tokens(model, tok, unrelated)
