@@ -160,3 +160,13 @@ def test_embedded_model_known_fact_changes_and_unrelated_answers_stay(smol, tmp_
     text = tok.decode(model.generate(**ids, max_new_tokens=3, do_sample=False)[0, ids["input_ids"].shape[1]:])
     assert text.strip().startswith("London")
     model.remove_edit("paris")
+
+
+def test_resumed_training_gives_the_same_editor_normaliser_included(tiny, tmp_path):
+    model, tok = tiny
+    full = train_toy_editor("mend", model, tok, CFG, steps=6, out=tmp_path / "full", checkpoint_every=3)
+    train_toy_editor("mend", model, tok, CFG, steps=3, out=tmp_path / "cut", checkpoint_every=3)
+    resumed = train_toy_editor("mend", model, tok, CFG, steps=6, out=tmp_path / "cut", checkpoint_every=3,
+                               resume=True)
+    assert resumed.sha256 == full.sha256
+    assert float(resumed.tensors["norm.64x32.count"]) == float(full.tensors["norm.64x32.count"]) > 0
