@@ -46,6 +46,8 @@ SETTINGS = {
     "cf-seq1000": dict(data=COUNTERFACT_EDIT, known_only=False, n=1000, mode="sequential", batch_size=1,
                        checkpoints=[1, 10, 100, 1000]),
     "zsre-single": dict(data=ZSRE, known_only=False, n=200, mode="single"),
+    # issue 13: 200 edits in one memory (one batch: SERAC's and IKE's memory holds them all at once)
+    "zsre-memory200": dict(data=ZSRE, known_only=False, n=200, mode="batch", batch_size=200),
     "zsre-sequential": dict(data=ZSRE, known_only=False, n=100, mode="sequential", checkpoints=[1, 10, 50, 100]),
 }
 def first_probes(cases: list[EvalCase]) -> list[EvalCase]:
