@@ -148,7 +148,7 @@ def test_embedded_model_known_fact_changes_and_unrelated_answers_stay(smol, tmp_
                          paraphrases=(f"{c}'s capital city is",), locality=("The chemical symbol for gold is",
                                                                              "The largest ocean on Earth is the"))
              for i, c in enumerate(countries)]
-    editor = editpeft.train_editor("mend", model, tok, train, steps=24, batch_size=4, lr=1e-3, progress=False,
+    editor = editpeft.train_editor("mend", model, tok, train, steps=12, batch_size=4, lr=1e-3, progress=False,
                                    config={"rank": 64})
     fact = EditRequest(prompt="The capital of France is", target_new="London")
     unrelated = ["The chemical symbol for gold is", "The Eiffel Tower is located in", "Water is made of"]
