@@ -182,8 +182,9 @@ def test_quotas_follow_the_ratio():
 
 
 # -- the embedded model (slow tier) ------------------------------------------------------------
-EIFFEL = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower",
-                     target_new="Rome", target_true="Paris")
+#: a known fact IKE overturns on SmolLM2 (measured: log P(" Ag") -7.85 -> -0.41, top-1). The Eiffel Tower's
+#: "Paris" is held more firmly: log P(" Rome") rises from -5.17 to -0.97 but " Paris" stays top-1.
+GOLD = EditRequest(prompt="The chemical symbol for gold is", subject="gold", target_new="Ag", target_true="Au")
 UNRELATED = ["The capital of Japan is", "The chemical symbol for iron is"]
 
 
@@ -198,19 +199,19 @@ def test_known_fact_changes_in_context_and_unrelated_prompts_keep_their_answers(
     model, tok = smol
     snap = params_snapshot(model)
     pool = editpeft.train_editor("ike", model, tok, data, out=tmp_path / "pool", progress=False)
-    prompts = [EIFFEL.prompt] + UNRELATED
+    prompts = [GOLD.prompt] + UNRELATED
     before = greedy_next_tokens(model, tok, prompts)
-    assert before[0] == target_token_ids(tok, EIFFEL.prompt, "Paris")[0]
-    model.add_edit("ike", EIFFEL, name="e", editor=pool)
+    assert before[0] == target_token_ids(tok, GOLD.prompt, "Au")[0]
+    model.add_edit("ike", GOLD, name="e", editor=pool)
     try:
         after = greedy_next_tokens(model, tok, prompts)
-        assert after[0] == target_token_ids(tok, EIFFEL.prompt, "Rome")[0]
+        assert after[0] == target_token_ids(tok, GOLD.prompt, "Ag")[0]
         assert after[1:] == before[1:]
         tok.padding_side = "left"
         enc = tok(prompts, return_tensors="pt", padding=True)
         out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert texts[0].strip().startswith("Rome")
+        assert texts[0].strip().startswith("Ag")
         with model.disabled_edits():
             base = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out[1:, enc["input_ids"].shape[1]][:1].tolist() == base[1:, enc["input_ids"].shape[1]][:1].tolist()
