@@ -68,6 +68,16 @@ def tiny(tiny_tokenizer, request):
     return editpeft.enable_editing(model, tiny_tokenizer), tiny_tokenizer
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on tiny matrices extra threads only wait for each other on a busy
+    machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smol():
     """The embedded SmolLM2 model (slow tier); skipped when the package is not installed."""

@@ -18,12 +18,7 @@ CFG = TINY_CONFIGS["ke"]
 REQ = TOY_EDITOR_REQUESTS[0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)     # tiny matrices: extra threads only wait for each other on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
