@@ -68,6 +68,19 @@ def tiny(tiny_tokenizer, request):
     return editpeft.enable_editing(model, tiny_tokenizer), tiny_tokenizer
 
 
+def capital_facts():
+    """16 counterfactual capitals (with a paraphrase and two unrelated prompts each): the training set of
+    the small editors the slow tier trains on SmolLM2 (MEND, KE)."""
+    from editpeft import EditRequest
+    countries = ["Germany", "Italy", "Spain", "Japan", "Egypt", "Canada", "Greece", "Norway", "Poland",
+                 "Portugal", "Sweden", "Austria", "Kenya", "Peru", "Chile", "Cuba"]
+    cities = ["Lima", "Oslo", "Cairo", "Rome", "Tokyo", "Madrid", "Athens", "Berlin"]
+    return [EditRequest(prompt=f"The capital of {c} is", target_new=cities[(i * 3 + 1) % len(cities)],
+                        paraphrases=(f"{c}'s capital city is",),
+                        locality=("The chemical symbol for gold is", "The largest ocean on Earth is the"))
+            for i, c in enumerate(countries)]
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: on tiny matrices extra threads only wait for each other on a busy

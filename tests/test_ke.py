@@ -12,7 +12,7 @@ from editpeft import EditRequest
 from editpeft.testing import TOY_EDITOR_REQUESTS, greedy_next_tokens, train_toy_editor
 from editpeft.tokens import TargetBatch, target_token_ids
 
-from conftest import TINY_CONFIGS, make_tiny_model
+from conftest import TINY_CONFIGS, capital_facts, make_tiny_model
 
 CFG = TINY_CONFIGS["ke"]
 REQ = TOY_EDITOR_REQUESTS[0]
@@ -101,13 +101,7 @@ def test_embedded_model_known_fact_changes_and_unrelated_answers_stay(smol):
     their greedy answers except a neighbouring location fact (measured: "The Eiffel Tower is located in"
     changes its second token: KE's weak locality, the survey's finding; the other two are kept)."""
     model, tok = smol
-    countries = ["Germany", "Italy", "Spain", "Japan", "Egypt", "Canada", "Greece", "Norway", "Poland",
-                 "Portugal", "Sweden", "Austria", "Kenya", "Peru", "Chile", "Cuba"]
-    cities = ["Lima", "Oslo", "Cairo", "Rome", "Tokyo", "Madrid", "Athens", "Berlin"]
-    train = [EditRequest(prompt=f"The capital of {c} is", target_new=cities[(i * 3 + 1) % len(cities)],
-                         paraphrases=(f"{c}'s capital city is",), locality=("The chemical symbol for gold is",
-                                                                             "The largest ocean on Earth is the"))
-             for i, c in enumerate(countries)]
+    train = capital_facts()
     editor = editpeft.train_editor("ke", model, tok, train, steps=24, batch_size=4, lr=1e-3, progress=False)
     fact = EditRequest(prompt="The capital of France is", target_new="London")
     unrelated = ["The chemical symbol for gold is", "The Eiffel Tower is located in", "Water is made of"]

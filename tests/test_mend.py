@@ -13,7 +13,7 @@ from editpeft.gradedit import gradient_factors, loss_token_mask
 from editpeft.testing import TOY_EDITOR_REQUESTS, greedy_next_tokens, train_toy_editor
 from editpeft.tokens import TargetBatch, target_token_ids
 
-from conftest import TINY_CONFIGS, make_tiny_model
+from conftest import TINY_CONFIGS, capital_facts, make_tiny_model
 
 CFG = TINY_CONFIGS["mend"]
 REQ = TOY_EDITOR_REQUESTS[0]
@@ -136,13 +136,7 @@ def test_embedded_model_known_fact_changes_and_unrelated_answers_stay(smol, tmp_
     """A small editor trained here on 24 capital facts edits a held-out known fact; unrelated prompts
     keep their greedy answers (through generate as well)."""
     model, tok = smol
-    countries = ["Germany", "Italy", "Spain", "Japan", "Egypt", "Canada", "Greece", "Norway", "Poland",
-                 "Portugal", "Sweden", "Austria", "Kenya", "Peru", "Chile", "Cuba"]
-    cities = ["Lima", "Oslo", "Cairo", "Rome", "Tokyo", "Madrid", "Athens", "Berlin"]
-    train = [EditRequest(prompt=f"The capital of {c} is", target_new=cities[(i * 3 + 1) % len(cities)],
-                         paraphrases=(f"{c}'s capital city is",), locality=("The chemical symbol for gold is",
-                                                                             "The largest ocean on Earth is the"))
-             for i, c in enumerate(countries)]
+    train = capital_facts()
     editor = editpeft.train_editor("mend", model, tok, train, steps=12, batch_size=4, lr=1e-3, progress=False,
                                    config={"rank": 64})
     fact = EditRequest(prompt="The capital of France is", target_new="London")
