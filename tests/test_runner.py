@@ -86,6 +86,25 @@ def test_sequential_in_batches_checkpoints_at_batch_ends(tiny, tmp_path):
     assert s["counts"]["scored"] == 6 and not model.edits
 
 
+def test_sequential_sample_scores_a_fixed_number_until_the_last_checkpoint(tiny, tmp_path):
+    """A stream scored on a sample: earlier checkpoints score `sample` edits (the same ones when run
+    again), the last one every edit; baselines come from the base model even though they are
+    computed lazily while edits are live."""
+    model, tok = tiny
+    kw = dict(mode="sequential", config=GRACE, checkpoints=[3, 5], progress=False, sample=2)
+    s = evaluate(model, tok, "grace", _cases(), out=tmp_path / "a", **kw)["grace"]
+    assert [(p["edits"], p["scored"]) for p in s["curve"]] == [(3, 2), (5, 2), (6, 6)]
+    assert s["curve"][-1]["edit_seconds_total"] > 0 and s["counts"]["scored"] == 6
+    lines = [json.loads(x) for x in (tmp_path / "a" / "grace" / "cases.jsonl").read_text().splitlines()]
+    picked = [ln["case_id"] for ln in lines if ln["checkpoint"] == 3]
+    assert picked == [_cases()[i].case_id for i in runner_mod.checkpoint_sample(3, 6, 2)]
+    full = evaluate(model, tok, "grace", _cases(), out=tmp_path / "b", mode="sequential", config=GRACE,
+                    checkpoints=[3, 5], progress=False)["grace"]
+    assert _metrics(s) == _metrics(full)          # the last checkpoint scores all edits in both
+    with pytest.raises(editpeft.ConfigError, match="sample"):
+        evaluate(model, tok, "grace", _cases(), out=tmp_path / "c", config=GRACE, sample=2, progress=False)
+
+
 class _Interrupt(Exception):
     pass
 

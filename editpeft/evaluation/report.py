@@ -58,13 +58,16 @@ def summarize(lines: Iterable[dict[str, Any]], settings: dict[str, Any] | None =
         complete = sorted({ln["checkpoint"] for ln in lines if ln.get("checkpoint_complete")})
         curve = []
         seconds: list[float] = [ln["edit_seconds"] for ln in failed]
+        elapsed = 0.0
         for k in complete:
             at_k = [ln for ln in lines if ln.get("checkpoint") == k]
-            curve.append({"edits": k, "metrics": _means(at_k),
+            since = [s for ln in at_k for s in ln.get("edit_seconds_since_last_checkpoint", [])]
+            seconds.extend(since)
+            elapsed += sum(since)
+            curve.append({"edits": k, "scored": len(at_k), "metrics": _means(at_k),
+                          "edit_seconds_total": round(elapsed, 3),
                           "adapter_bytes": max(ln.get("adapter_bytes", 0) for ln in at_k),
                           "peak_memory_mb": max(ln.get("peak_memory_mb", 0.0) for ln in at_k)})
-            for ln in at_k:
-                seconds.extend(ln.get("edit_seconds_since_last_checkpoint", []))
         out["curve"] = curve
         out["metrics"] = curve[-1]["metrics"] if curve else {}
         out["counts"]["scored"] = complete[-1] if complete else 0
@@ -177,13 +180,15 @@ def markdown(summaries: dict[str, dict[str, Any]]) -> str:
                      f"{e.get('peak_memory_mb', 0):,.0f} |")
     curves = {label: s["curve"] for label, s in summaries.items() if s.get("curve")}
     for label, curve in curves.items():
-        parts += ["", f"## Sequential: {label}", "", "| edits | " + " | ".join(
-            f"{m} ({p})" for m in ("reliability", "generalization", "locality") for p in ("token_em",)) + " |",
-            "|---|---|---|---|"]
+        parts += ["", f"## Sequential: {label}", "", "| edits | scored | " + " | ".join(
+            f"{m} ({p})" for m in ("reliability", "generalization", "locality") for p in ("token_em",))
+            + " | edit s (total) | adapter bytes | peak MiB |", "|---|---|---|---|---|---|---|---|"]
         for point in curve:
             cells = [f"{point['metrics'].get(m, {}).get('token_em', {}).get('mean', float('nan')):.3f}"
                      for m in ("reliability", "generalization", "locality")]
-            parts.append(f"| {point['edits']} | " + " | ".join(cells) + " |")
+            parts.append(f"| {point['edits']} | {point.get('scored', point['edits'])} | " + " | ".join(cells)
+                         + f" | {point.get('edit_seconds_total', float('nan')):.1f} | {point['adapter_bytes']:,}"
+                         f" | {point['peak_memory_mb']:,.0f} |")
     return "\n".join(parts) + "\n"
 
 

@@ -57,12 +57,16 @@ class RunSettings:
     protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
     shard: list[int] = field(default_factory=lambda: [0, 1])
     model: str = ""
+    sample: int | None = None
+
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
+        if self.sample is not None and (self.mode != "sequential" or self.sample < 1):
+            raise ConfigError("sample (cases scored per checkpoint) needs mode='sequential' and a positive count")
         i, n = self.shard
         if not 0 <= i < n:
             raise ConfigError(f"shard {i}/{n} is out of range; use i/n with 0 <= i < n")
@@ -127,6 +131,8 @@ class _RunDir:
             shutil.rmtree(path)
         if run_json.is_file():
             old = json.loads(run_json.read_text())
+            # a setting added after the run was written (absent there) defaults to None
+            old["settings"] = {**{k: None for k in settings}, **(old.get("settings") or {})}
             if {k: old.get(k) for k in meta} != meta:
                 raise EditError(f"{path} holds a run with other settings or cases; choose another --out, "
                                 "or pass overwrite=True (--overwrite) to start it afresh")
@@ -252,7 +258,7 @@ class Runner:
         applied, names = 0, []
         from ..registry import get_method
         extendable = get_method(self.s.method).supports_extend()
-        baselines = self._batched_baselines(self.cases)
+        baselines = _LazyBaselines(self.model, self.scorer, self.cases)
         try:
             if progress_file.is_file():
                 prog = json.loads(progress_file.read_text())
@@ -286,19 +292,15 @@ class Runner:
                 if nm in self.model.edits:
                     self.model.remove_edit(nm)
 
-    def _batched_baselines(self, cases: Sequence[EvalCase], chunk: int = 16) -> list[dict]:
-        out: list[dict] = []
-        for i in range(0, len(cases), chunk):
-            out.extend(self.scorer.baseline(cases[i:i + chunk]))
-        return out
-
-    def _checkpoint(self, n_done: int, baselines: list[dict], edit_seconds: list[float], names: list[str]) -> None:
-        edited = self.cases[:n_done]
+    def _checkpoint(self, n_done: int, baselines: "_LazyBaselines", edit_seconds: list[float],
+                    names: list[str]) -> None:
+        picked = checkpoint_sample(n_done, len(self.cases), self.s.sample)
         lines = []
         size = sum(self.model.edits[nm].num_bytes() for nm in names if nm in self.model.edits)
-        for i in range(0, n_done, 16):
-            part = edited[i:i + 16]
-            for c, sc in zip(part, self._scored(part, baselines[i:i + 16])):
+        for i in range(0, len(picked), 16):
+            part = picked[i:i + 16]
+            cases = [self.cases[j] for j in part]
+            for c, sc in zip(cases, self._scored(cases, baselines.get(part))):
                 lines.append(self._line(c, sc, checkpoint=n_done, adapter_bytes=size))
         lines[-1]["edit_seconds_since_last_checkpoint"] = edit_seconds
         lines[-1]["checkpoint_complete"] = True
@@ -309,6 +311,46 @@ class Runner:
             for nm in names:
                 self.model.edits[nm].save_pretrained(tmp / nm)
             _write_json(tmp / "progress.json", {"applied": applied, "names": names})
+
+
+def checkpoint_sample(n_done: int, n_total: int, sample: int | None) -> list[int]:
+    """Indices of the edits scored at checkpoint ``n_done``: all of them at the last checkpoint or
+    without ``sample``, else ``sample`` drawn without replacement, seeded by ``n_done`` (a resumed run
+    scores the same ones), so a checkpoint's scoring cost does not grow with the stream.
+
+        >>> checkpoint_sample(1000, 10_000, 200) == checkpoint_sample(1000, 10_000, 200)
+        True
+        >>> len(checkpoint_sample(1000, 10_000, 200)), checkpoint_sample(10_000, 10_000, 200)[-1]
+        (200, 9999)
+    """
+    import random
+    if sample is None or n_done >= n_total or sample >= n_done:
+        return list(range(n_done))
+    return sorted(random.Random(n_done).sample(range(n_done), sample))
+
+
+class _LazyBaselines:
+    """The unedited model's locality baselines of each case, computed when a checkpoint first needs
+    them (with every edit switched off: exactly the base model) and kept.
+
+    They are computed in fixed chunks of the case list (cases 0-15, 16-31, ...) whichever case asks:
+    a batch's padding changes float32 results in the last bits, so fixed chunks make a resumed or a
+    sampled run score exactly as an uninterrupted, unsampled one.
+    """
+
+    def __init__(self, model, scorer: CaseScorer, cases: Sequence[EvalCase], chunk: int = 16):
+        self.model, self.scorer, self.cases, self.chunk = model, scorer, cases, chunk
+        self.known: dict[int, dict] = {}
+
+    def get(self, indices: Sequence[int]) -> list[dict]:
+        starts = sorted({i - i % self.chunk for i in indices if i not in self.known})
+        if starts:
+            with self.model.disabled_edits():
+                for start in starts:
+                    part = range(start, min(start + self.chunk, len(self.cases)))
+                    for i, b in zip(part, self.scorer.baseline([self.cases[i] for i in part])):
+                        self.known[i] = b
+        return [self.known[i] for i in indices]
 
 
 def _select(model, tokenizer, cases: list[EvalCase], n: int | None, known_only: bool,
@@ -336,8 +378,12 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
              out: str | Path | None = None, mode: str = "single", n: int | None = None, format: str | None = None,
              config: Any = None, batch_size: int | None = None, checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS,
              protocols: Sequence[str] = PROTOCOLS, known_only: bool = False, shard: tuple[int, int] = (0, 1),
-             overwrite: bool = False, progress: bool = True, editors: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             overwrite: bool = False, progress: bool = True, editors: Mapping[str, Any] | None = None,
+             sample: int | None = None) -> dict[str, Any]:
     """Evaluate one or several methods on identical cases; returns ``{method: summary}``.
+
+    ``sample`` (sequential mode): every checkpoint but the last scores this many of the edits so far
+    (drawn with a fixed seed per checkpoint) instead of all, so long streams score at a constant cost.
 
     ``editors`` maps a method that edits with a trained editor to its editor (an Editor, a folder or
     a Hub repo id, loaded once for the whole run).
@@ -352,7 +398,7 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
     from ..registry import get_method
     model = editpeft.enable_editing(model, tokenizer)
     methods = [methods] if isinstance(methods, str) else list(methods)
-    RunSettings(method="", mode=mode, batch_size=batch_size, shard=list(shard))   # bad settings fail first
+    RunSettings(method="", mode=mode, batch_size=batch_size, shard=list(shard), sample=sample)   # bad settings fail first
     for m in methods:
         get_method(m)   # unknown or broken methods fail before any work
     if isinstance(data, (str, Path)):
@@ -375,7 +421,7 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
         settings = RunSettings(method=method, mode=mode, config=cfg, data=data_name, format=fmt, n=n,
                                known_only=known_only, batch_size=batch_size, checkpoints=list(checkpoints),
                                protocols=list(protocols), shard=list(shard),
-                               model=str(getattr(model.config, "_name_or_path", "")))
+                               model=str(getattr(model.config, "_name_or_path", "")), sample=sample)
         try:
             hparams = get_method(method).resolve_config(model, cfg).to_dict()
         except EditError:     # an invalid config: every edit fails and is recorded as failed
