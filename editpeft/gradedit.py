@@ -79,14 +79,28 @@ def loss_token_mask(batch: TargetBatch) -> torch.Tensor:
     return batch.attention_mask.bool() & (pos < last)
 
 
+def target_token_mask(batch: TargetBatch) -> torch.Tensor:
+    """(B, T) bool: only the positions of a causal batch whose logits predict a target token (the last
+    prompt token and every target token but the last) — the "answer" positions of UltraEdit's cache."""
+    B, T = batch.input_ids.shape
+    mask = torch.zeros(B, T, dtype=torch.bool, device=batch.input_ids.device)
+    for b in range(B):
+        mask[b, batch.target_positions(b).to(mask.device)] = True
+    return mask
+
+
 def _btd(t: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """A module's input/output as (B, T, d) (OPT's MLP works on flattened (B*T, d))."""
     return t.reshape(B, T, t.shape[-1])
 
 
-def gradient_factors(model, batch: TargetBatch, modules: Sequence[str]) -> GradFactors:
+def gradient_factors(model, batch: TargetBatch, modules: Sequence[str],
+                     mask: torch.Tensor | None = None) -> GradFactors:
     """u and δ at each of ``modules`` for the summed per-row target NLL of ``batch`` (one forward and
-    one backward pass; the model's parameters get no gradient). See the module docstring."""
+    one backward pass; the model's parameters get no gradient). See the module docstring.
+
+    ``mask`` (B, T) bool selects the token positions returned (default :func:`loss_token_mask`;
+    :func:`target_token_mask` keeps only the positions that predict target tokens)."""
     if any(not t for t in batch.target_ids):
         raise InvalidRequestError("every row needs a non-empty target to take its gradient")
     B, T = batch.input_ids.shape
@@ -108,7 +122,7 @@ def gradient_factors(model, batch: TargetBatch, modules: Sequence[str]) -> GradF
         lps = batch.target_logprobs(logits)
         per_row = torch.stack([-lp.mean() for lp in lps])
         grads = torch.autograd.grad(per_row.sum(), [zs[n] for n in modules], allow_unused=True)
-    mask = loss_token_mask(batch)
+    mask = loss_token_mask(batch) if mask is None else mask.to(device=batch.input_ids.device, dtype=torch.bool)
     rows = torch.arange(B, device=mask.device)[:, None].expand(B, T)[mask]
     u, delta = {}, {}
     for name, g in zip(modules, grads):
