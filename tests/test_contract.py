@@ -18,6 +18,8 @@ INSTALLED = sorted(editpeft.list_methods())
 #: In-context methods need a model that reads its context, which a random tiny model does not: the
 #: contract checks that the edit changes the prompt's logits, not in which direction.
 READS_CONTEXT = {"ike"}
+#: Methods whose edit of a random tiny model raises the target's probability without a top-1 guarantee.
+ONE_STEP = {"kn", "ultraedit"}
 FAMILIES = CAUSAL_FAMILIES + ("t5",)
 
 
@@ -38,9 +40,10 @@ def test_installed_method_contract(method, family, tiny_tokenizer):
         assert not model.edits
         return
     known = method in TINY_CONFIGS
-    # KN edits a handful of neurons of a random model: it moves the target's probability, rarely to top-1
+    # KN edits a handful of neurons of a random model, UltraEdit takes one normalised gradient step: both move
+    # the target's probability, not always to top-1
     passed = check_method(method, family, config=TINY_CONFIGS.get(method), tokenizer=tiny_tokenizer,
-                          expect_top1=None if method in READS_CONTEXT else known and method != "kn")
+                          expect_top1=None if method in READS_CONTEXT else known and method not in ONE_STEP)
     assert passed == list(editpeft.testing.CHECKS)
 
 
