@@ -79,7 +79,7 @@ def cmd_eval(args) -> int:
     checkpoints = [int(k) for k in args.checkpoints.split(",") if k]
     summaries = evaluate(model, tok, methods, args.data, out=out, mode=args.mode, n=args.n, format=args.format,
                          config=config, batch_size=args.batch_size, checkpoints=checkpoints, protocols=protocols,
-                         known_only=args.known_only, shard=shard, overwrite=args.overwrite)
+                         known_only=args.known_only, shard=shard, overwrite=args.overwrite, sample=args.sample)
     if args.save_metrics_to:
         _save_metrics(args.save_metrics_to, summaries, args.data)
     for method, s in summaries.items():
@@ -354,7 +354,6 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     import tempfile
 
-    import editpeft
     from .request import EditRequest
     start = time.perf_counter()
     print("editpeft demo on the embedded SmolLM2-135M-Instruct (CPU)\n")
@@ -456,7 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated protocols; add ngram_entropy for fluency (slow: it generates text)")
     p.add_argument("--known-only", action="store_true",
                    help="keep cases whose true answer the unedited model predicts")
-    p.add_argument("--shard", help="i/n: evaluate every n-th case starting at i (merge with `editpeft report`)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="sequential mode: score this many of the edits so far at each checkpoint but the last "
+                        "(a seeded sample: the scoring cost stays constant along a long stream)")
+    p.add_argument("--shard", help="i/n: evaluate every n-th case starting at i (sequential mode: every shard "
+                                   "applies the whole stream and scores every n-th case); merge with `editpeft report`")
     p.add_argument("--out", required=True, help="run folder; an interrupted run resumes when started again")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
     p.add_argument("--save-metrics-to", metavar="DIR",

@@ -9,6 +9,7 @@ import pytest
 import editpeft
 from editpeft import EditRequest
 from editpeft.evaluation import CaseScorer, EvalCase, evaluate, write_report
+from editpeft.evaluation.report import combine
 from editpeft.evaluation import runner as runner_mod
 
 from conftest import rounding_atol, toy_eval_cases
@@ -103,6 +104,26 @@ def test_sequential_sample_scores_a_fixed_number_until_the_last_checkpoint(tiny,
     assert _metrics(s) == _metrics(full)          # the last checkpoint scores all edits in both
     with pytest.raises(editpeft.ConfigError, match="sample"):
         evaluate(model, tok, "grace", _cases(), out=tmp_path / "c", config=GRACE, sample=2, progress=False)
+
+
+def test_sequential_shards_score_parts_of_one_stream_and_merge(tiny, tmp_path):
+    """Sequential shards each apply the whole stream and score every k-th case of each checkpoint;
+    the merged report equals the unsharded run (edit seconds counted once)."""
+    model, tok = tiny
+    kw = dict(mode="sequential", config=GRACE, checkpoints=[2, 4], progress=False)
+    full = evaluate(model, tok, "grace", _cases(), out=tmp_path / "full", **kw)["grace"]
+    for i in range(2):
+        evaluate(model, tok, "grace", _cases(), out=tmp_path / "sharded" / f"s{i}", shard=(i, 2), **kw)
+    (m,) = combine([tmp_path / "sharded"]).values()
+    assert m["counts"]["kept"] == 6 and m["counts"]["shards"] == 2
+    assert [(p["edits"], p["scored"]) for p in m["curve"]] == [(p["edits"], p["scored"]) for p in full["curve"]]
+    for a, b in zip(m["curve"], full["curve"]):
+        for metric, by_protocol in b["metrics"].items():
+            for protocol in ("token_em", "gen_em", "prob_margin"):
+                if protocol in by_protocol:
+                    assert a["metrics"][metric][protocol] == by_protocol[protocol], (metric, protocol)
+    shard1 = [json.loads(x) for x in (tmp_path / "sharded" / "s1" / "grace" / "cases.jsonl").read_text().splitlines()]
+    assert not any("edit_seconds_since_last_checkpoint" in ln for ln in shard1)
 
 
 class _Interrupt(Exception):

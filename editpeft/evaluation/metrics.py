@@ -105,7 +105,7 @@ class CaseScorer:
     def baseline(self, cases: Sequence[EvalCase]) -> list[dict[str, Any]]:
         """Per case, per locality probe: the unedited model's argmax on the primary answer, its
         margin against the contrast, and its greedy continuation. JSON-serialisable."""
-        plans, prompts, drafts, lengths = [], [], [], []
+        plans, prompts, lengths = [], [], []
         for ci, case in enumerate(cases):
             for group, probes in case.groups().items():
                 if not _is_locality(group):

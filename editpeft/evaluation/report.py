@@ -127,7 +127,8 @@ def combine(paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, Any]]:
             raise EditError(f"{folder}: shard {shard[0]}/{shard[1]} of this run was given twice")
         g["shards"].add(tuple(shard))
         g["lines"].extend(lines)
-        g["kept"] += len(meta.get("case_ids", []))
+        kept = len(meta.get("case_ids", []))     # sequential shards all keep the whole stream
+        g["kept"] = max(g["kept"], kept) if s.get("mode") == "sequential" else g["kept"] + kept
         if (folder / "summary.json").is_file():
             counts = json.loads((folder / "summary.json").read_text()).get("counts", {})
             g["examined"] = g.get("examined", 0) + counts.get("examined", 0)

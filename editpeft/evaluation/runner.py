@@ -294,7 +294,9 @@ class Runner:
 
     def _checkpoint(self, n_done: int, baselines: "_LazyBaselines", edit_seconds: list[float],
                     names: list[str]) -> None:
-        picked = checkpoint_sample(n_done, len(self.cases), self.s.sample)
+        shard, shards = self.s.shard
+        # every shard applies the whole stream; each scores its share of the checkpoint's cases
+        picked = checkpoint_sample(n_done, len(self.cases), self.s.sample)[shard::shards]
         lines = []
         size = sum(self.model.edits[nm].num_bytes() for nm in names if nm in self.model.edits)
         for i in range(0, len(picked), 16):
@@ -302,7 +304,10 @@ class Runner:
             cases = [self.cases[j] for j in part]
             for c, sc in zip(cases, self._scored(cases, baselines.get(part))):
                 lines.append(self._line(c, sc, checkpoint=n_done, adapter_bytes=size))
-        lines[-1]["edit_seconds_since_last_checkpoint"] = edit_seconds
+        if not lines:                        # a shard with no case to score at this checkpoint
+            lines.append({"case_id": f"<checkpoint {n_done}>", "checkpoint": n_done, "scores": None})
+        if shard == 0:                       # the stream's edit time is counted once over the shards
+            lines[-1]["edit_seconds_since_last_checkpoint"] = edit_seconds
         lines[-1]["checkpoint_complete"] = True
         self.dir.append(lines)
 
@@ -354,11 +359,12 @@ class _LazyBaselines:
 
 
 def _select(model, tokenizer, cases: list[EvalCase], n: int | None, known_only: bool,
-            shard: tuple[int, int]) -> tuple[list[EvalCase], int]:
+            shard: tuple[int, int], mode: str = "single") -> tuple[list[EvalCase], int]:
     """Keep known cases (when asked) until ``n`` are kept, then take shard ``i`` of ``k`` (every
-    k-th case), so the shards of a run partition exactly the cases of the unsharded run.
+    k-th case), so the shards of a run partition exactly the cases of the unsharded run; in
+    sequential mode every shard keeps the whole stream (the scoring is what is sharded).
     Returns (cases, number of records examined)."""
-    i, k = shard
+    i, k = shard if mode != "sequential" else (0, 1)
     if not known_only:
         kept = cases[:n] if n is not None else cases
         return kept[i::k], len(kept)
@@ -410,7 +416,7 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
             raise DatasetFormatError("data must be a dataset file path, or a list of EvalCase (load records with "
                                      "editpeft.evaluation.load_dataset)")
         cases, fmt, data_name, skipped = given, format or "cases", "<cases>", 0
-    cases, examined = _select(model, tokenizer, cases, n, known_only, tuple(shard))
+    cases, examined = _select(model, tokenizer, cases, n, known_only, tuple(shard), mode)
     if not cases:
         raise EditError("no case to evaluate" + (" (none is known to the model; drop --known-only)" if known_only else ""))
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="editpeft-eval-"))
