@@ -160,13 +160,18 @@ def test_corrupt_statistics_are_refused(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_fact_changes_and_unrelated_answers_stay(smol):
-    """The card's settings on the embedded model: two known facts move, unrelated prompts keep their answer."""
+def test_smollm2_facts_change_and_unrelated_answers_stay(smol):
+    """The card's settings on the embedded model, one turn of four known facts: all four move, unrelated prompts
+    keep their answer. (Measured: the neighbours of an edit do move — "The chemical symbol for gold is" after
+    silver -> Fe, "The capital of Italy is" after Colosseum -> London — the card's locality of 0.55.)"""
     from editpeft.tokens import greedy_next_tokens
     model, tok = smol
     edits = [EditRequest(prompt="The Eiffel Tower is located in the city of", target_new="Rome"),
-             EditRequest(prompt="The capital of Japan is", target_new="Cairo")]
-    unrelated = ["The chemical symbol for gold is", "The largest ocean on Earth is the", "The capital of France is"]
+             EditRequest(prompt="The capital of Japan is", target_new="Cairo"),
+             EditRequest(prompt="The chemical symbol for silver is", target_new="Fe"),
+             EditRequest(prompt="The Colosseum is located in the city of", target_new="London")]
+    unrelated = ["The opposite of hot is", "The first day of the week is", "The largest ocean on Earth is the",
+                 "The capital of France is"]
     before = greedy_next_tokens(model, tok, unrelated)
     model.add_edit("ultraedit", edits, name="smol")
     try:
