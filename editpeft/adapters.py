@@ -225,6 +225,56 @@ class WeightDeltaAdapter(EditAdapter):
         return self._state
 
 
+class CarriedStateDeltaAdapter(WeightDeltaAdapter):
+    """Weight deltas plus a per-module state the method needs to *continue* (``append=True``) after
+    save → load → Hub download: AlphaEdit's keys of earlier edits, UltraEdit's running statistics.
+
+    Subclasses name the state (``carried_what``, for messages) and convert it to and from tensors
+    saved beside the deltas: :meth:`carried_tensors` and :meth:`read_carried` (which raises
+    :class:`AdapterFormatError` on anything malformed). ``self.carried`` maps each target to it.
+
+    Example:
+        >>> class Counted(CarriedStateDeltaAdapter):
+        ...     carried_what = "counts"
+        ...     @classmethod
+        ...     def carried_tensors(cls, target, value): return {f"{target}.count": value}
+        ...     @classmethod
+        ...     def read_carried(cls, target, delta, tensors): return tensors[f"{target}.count"]
+    """
+
+    carried_what: ClassVar[str] = "carried state"
+
+    def __init__(self, deltas: Mapping[str, WeightChange], carried: Mapping[str, Any], **common: Any):
+        super().__init__(deltas, **common)
+        missing = set(self.deltas) - set(carried)
+        if missing:
+            raise AdapterFormatError(f"the adapter has no {self.carried_what} for {sorted(missing)}")
+        self.carried = {t: carried[t] for t in self.deltas}
+
+    @classmethod
+    @abstractmethod
+    def carried_tensors(cls, target: str, value: Any) -> dict[str, torch.Tensor]:
+        """The tensors that save ``value``, the state of ``target``."""
+
+    @classmethod
+    @abstractmethod
+    def read_carried(cls, target: str, delta: WeightChange, tensors: Mapping[str, torch.Tensor]) -> Any:
+        """The state of ``target`` from the saved ``tensors``, validated against its ``delta``."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().state_dict()
+        for target, value in self.carried.items():
+            out.update(self.carried_tensors(target, value))
+        return out
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any):
+        plain = WeightDeltaAdapter.from_saved(tensors, extra, **common)
+        carried = {t: cls.read_carried(t, d, tensors) for t, d in plain.deltas.items()}
+        common.pop("targets", None)
+        return cls(plain.deltas, carried, **common)
+
+
 def _add_delta(delta: WeightChange) -> Callable:
     def contribution(args: tuple, output: torch.Tensor) -> torch.Tensor:
         return output + delta(args[0])

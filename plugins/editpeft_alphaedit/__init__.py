@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 import editpeft
-from editpeft import EditRequest, WeightDeltaAdapter
+from editpeft import EditRequest
+from editpeft.adapters import CarriedStateDeltaAdapter
 from editpeft.attach import LowRankDelta
 from editpeft.errors import AdapterFormatError, EditOptimizationError
 from editpeft.mass_edit import LayerRangeConfig, join_deltas, layer_targets, spread_over_layers
@@ -63,36 +64,28 @@ class AlphaEditConfig(LayerRangeConfig):
         check(isinstance(self.preserve, bool), "preserve must be true or false")
 
 
-class NullSpaceAdapter(WeightDeltaAdapter):
+class NullSpaceAdapter(CarriedStateDeltaAdapter):
     """A weight-delta adapter that also carries the keys of its edits (``<module>.keys``, in × n),
     AlphaEdit's state for continuing sequential editing after save/load."""
 
-    def __init__(self, deltas: Mapping[str, LowRankDelta], keys: Mapping[str, torch.Tensor], **common: Any):
-        super().__init__(deltas, **common)
-        missing = set(self.deltas) - set(keys)
-        if missing:
-            raise AdapterFormatError(f"the adapter has no stored keys for {sorted(missing)}")
-        self.keys = {t: keys[t] for t in self.deltas}
+    carried_what = "stored keys"
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = super().state_dict()
-        for target, k in self.keys.items():
-            out[f"{target}.keys"] = k.detach().contiguous()
-        return out
+    @property
+    def keys(self) -> dict[str, torch.Tensor]:
+        return self.carried
 
     @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "NullSpaceAdapter":
-        plain = WeightDeltaAdapter.from_saved(tensors, extra, **common)
-        keys = {}
-        for target, delta in plain.deltas.items():
-            k = tensors.get(f"{target}.keys")
-            if k is None or k.ndim != 2 or k.shape[0] != delta.down.shape[0] or not k.is_floating_point() \
-                    or not torch.isfinite(k).all():
-                raise AdapterFormatError(f"tensor {target + '.keys'!r} is missing or malformed (expected a finite "
-                                         f"{delta.down.shape[0]} x n float matrix)")
-            keys[target] = k
-        common.pop("targets", None)
-        return cls(plain.deltas, keys, **common)
+    def carried_tensors(cls, target: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"{target}.keys": value.detach().contiguous()}
+
+    @classmethod
+    def read_carried(cls, target: str, delta: LowRankDelta, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        k = tensors.get(f"{target}.keys")
+        if k is None or k.ndim != 2 or k.shape[0] != delta.down.shape[0] or not k.is_floating_point() \
+                or not torch.isfinite(k).all():
+            raise AdapterFormatError(f"tensor {target + '.keys'!r} is missing or malformed (expected a finite "
+                                     f"{delta.down.shape[0]} x n float matrix)")
+        return k
 
 
 class AlphaEdit(editpeft.EditMethod):

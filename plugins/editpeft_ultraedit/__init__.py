@@ -56,12 +56,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 import editpeft
-from editpeft import EditRequest, WeightDeltaAdapter
+from editpeft import EditRequest
+from editpeft.adapters import CarriedStateDeltaAdapter
 from editpeft.arch import linear_dims
 from editpeft.attach import LowRankDelta
 from editpeft.errors import AdapterFormatError, ConfigError, EditOptimizationError
@@ -156,42 +157,34 @@ def ridge_factors(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> Low
     return LowRankDelta(up.float().cpu().contiguous(), down.float().cpu().contiguous())
 
 
-class LifelongNormAdapter(WeightDeltaAdapter):
+class LifelongNormAdapter(CarriedStateDeltaAdapter):
     """Low-rank weight deltas plus UltraEdit's running statistics per module (``<module>.norm_count``,
     ``.norm_mean``, ``.norm_m2``), the state that lets ``append=True`` continue after save/load."""
 
-    def __init__(self, deltas: Mapping[str, LowRankDelta], stats: Mapping[str, RunningStats], **common: Any):
-        super().__init__(deltas, **common)
-        missing = set(self.deltas) - set(stats)
-        if missing:
-            raise AdapterFormatError(f"the adapter has no running statistics for {sorted(missing)}")
-        self.stats = {t: stats[t] for t in self.deltas}
+    carried_what = "running statistics"
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = super().state_dict()
-        for target, s in self.stats.items():
-            out.update(s.tensors(target))
-        return out
+    @property
+    def stats(self) -> dict[str, RunningStats]:
+        return self.carried
 
     @classmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], extra: dict[str, Any], **common: Any) -> "LifelongNormAdapter":
-        plain = WeightDeltaAdapter.from_saved(tensors, extra, **common)
-        stats = {}
-        for target, delta in plain.deltas.items():
-            dim = sum(delta.shape())
-            count, mean, m2 = (tensors.get(f"{target}.norm_{k}") for k in ("count", "mean", "m2"))
-            ok = (isinstance(count, torch.Tensor) and count.ndim == 0 and count.dtype == torch.float64
-                  and bool(torch.isfinite(count)) and float(count) >= 1 and float(count) == int(count)
-                  and all(isinstance(t, torch.Tensor) and t.shape == (dim,) and t.dtype == torch.float64
-                          and bool(torch.isfinite(t).all()) for t in (mean, m2))
-                  and bool((m2 >= 0).all()))
-            if not ok:
-                raise AdapterFormatError(
-                    f"the running statistics of {target!r} ({target}.norm_count/.norm_mean/.norm_m2) are missing or "
-                    f"malformed (expected a float64 count >= 1 and finite float64 vectors of {dim}, m2 >= 0)")
-            stats[target] = RunningStats(count, mean, m2)
-        common.pop("targets", None)
-        return cls(plain.deltas, stats, **common)
+    def carried_tensors(cls, target: str, value: RunningStats) -> dict[str, torch.Tensor]:
+        return value.tensors(target)
+
+    @classmethod
+    def read_carried(cls, target: str, delta: LowRankDelta, tensors: Mapping[str, torch.Tensor]) -> RunningStats:
+        dim = sum(delta.shape())
+        count, mean, m2 = (tensors.get(f"{target}.norm_{k}") for k in ("count", "mean", "m2"))
+        ok = (isinstance(count, torch.Tensor) and count.ndim == 0 and count.dtype == torch.float64
+              and bool(torch.isfinite(count)) and float(count) >= 1 and float(count) == int(count)
+              and all(isinstance(t, torch.Tensor) and t.shape == (dim,) and t.dtype == torch.float64
+                      and bool(torch.isfinite(t).all()) for t in (mean, m2))
+              and bool((m2 >= 0).all()))
+        if not ok:
+            raise AdapterFormatError(
+                f"the running statistics of {target!r} ({target}.norm_count/.norm_mean/.norm_m2) are missing or "
+                f"malformed (expected a float64 count >= 1 and finite float64 vectors of {dim}, m2 >= 0)")
+        return RunningStats(count, mean, m2)
 
 
 class UltraEdit(editpeft.EditMethod):
