@@ -334,3 +334,24 @@ def test_diverging_training_stops_with_a_clear_error(tiny):
     with pytest.raises(editpeft.EditOptimizationError, match="diverged at step 1|non-finite"):
         editpeft.train_editor("grad_step", model, tok, reqs, steps=3, batch_size=2, progress=False,
                               config={"init_log_lr": 1000.0})   # exp overflows: inf step
+
+
+def test_evaluation_runs_are_tied_to_their_editor(tiny, toy_data, tmp_path):
+    """The harness records the editor of a run: the same command with another editor does not
+    resume the first editor's scored cases (it is refused until --overwrite or another --out)."""
+    from conftest import toy_eval_cases
+    model, tok = tiny
+    train, _ = toy_data
+    first = editpeft.train_editor("grad_step", model, tok, train, **{**TRAIN, "steps": 2})
+    second = editpeft.train_editor("grad_step", model, tok, train, **{**TRAIN, "steps": 3})
+    assert first.sha256 != second.sha256
+    cases = toy_eval_cases([("Colosseum", "Tokyo"), ("tower", "Rome")])
+    summary = editpeft.evaluate(model, tok, "grad_step", cases, out=tmp_path / "run", editors={"grad_step": first},
+                                progress=False)["grad_step"]
+    assert summary["settings"]["editor"] == first.provenance() and summary["counts"]["scored"] == 2
+    with pytest.raises(editpeft.EditError, match="other settings"):
+        editpeft.evaluate(model, tok, "grad_step", cases, out=tmp_path / "run", editors={"grad_step": second},
+                          progress=False)
+    again = editpeft.evaluate(model, tok, "grad_step", cases, out=tmp_path / "run", editors={"grad_step": second},
+                              progress=False, overwrite=True)["grad_step"]
+    assert again["settings"]["editor"] == second.provenance()

@@ -58,6 +58,7 @@ class RunSettings:
     shard: list[int] = field(default_factory=lambda: [0, 1])
     model: str = ""
     sample: int | None = None
+    editor: dict[str, str] | None = None      # the trained editor's id and sha256 (methods that use one)
 
 
     def __post_init__(self) -> None:
@@ -424,19 +425,21 @@ def evaluate(model, tokenizer, methods: str | Sequence[str], data: str | Path | 
     per_method = isinstance(config, dict) and bool(config) and set(config) <= set(methods)
     for method in methods:
         cfg = config.get(method) if per_method else config
+        editor = (editors or {}).get(method)
+        if editor is not None and not hasattr(editor, "tensors"):
+            from ..editors import load_editor
+            editor = load_editor(editor)
+        # the editor is part of what defines a run: another editor must not resume this one's cases
         settings = RunSettings(method=method, mode=mode, config=cfg, data=data_name, format=fmt, n=n,
                                known_only=known_only, batch_size=batch_size, checkpoints=list(checkpoints),
                                protocols=list(protocols), shard=list(shard),
-                               model=str(getattr(model.config, "_name_or_path", "")), sample=sample)
+                               model=str(getattr(model.config, "_name_or_path", "")), sample=sample,
+                               editor=editor.provenance() if editor is not None else None)
         try:
             hparams = get_method(method).resolve_config(model, cfg).to_dict()
         except EditError:     # an invalid config: every edit fails and is recorded as failed
             hparams = None
         run_dir = _RunDir(root / method, asdict(settings), [c.case_id for c in cases], overwrite, hparams)
-        editor = (editors or {}).get(method)
-        if editor is not None and not hasattr(editor, "tensors"):
-            from ..editors import load_editor
-            editor = load_editor(editor)
         Runner(model, tokenizer, settings, cases, run_dir, progress, editor=editor).run()
         summary = summarize(run_dir.lines(), settings=asdict(settings),
                             counts={"examined": examined, "kept": len(cases), "skipped_records": skipped})
