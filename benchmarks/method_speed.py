@@ -8,6 +8,11 @@ CounterFact facts. Only the edit is timed (no scoring).
     cd benchmarks
     python method_speed.py                                  # every method, batch sizes 1 and 8
     python method_speed.py --methods memit alphaedit --batch-sizes 1 4 16 32
+    python method_speed.py --methods mend ke serac --batch-sizes 1 --facts 20 \
+        --editor mend=runs/editors/mend-zsre --editor ke=runs/editors/ke-zsre --editor serac=runs/editors/serac-zsre
+
+Methods that edit with a trained editor get it from ``--editor``; their first edit (which loads the
+editor and checks it against the model once) is made before the timing starts.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import time
 from common import COUNTERFACT, print_table
 
 
-def run_one(method: str, batch: int, n_facts: int) -> dict:
+def run_one(method: str, batch: int, n_facts: int, editor: str | None = None, threads: int = 2) -> dict:
     """Inside the child process: edit ``n_facts`` facts in batches of ``batch``; report timings."""
     from common import editable_default_model
 
@@ -29,16 +34,20 @@ def run_one(method: str, batch: int, n_facts: int) -> dict:
     from editpeft.evaluation.runner import known_mask, peak_memory_mb
     from editpeft.stats import counters
 
-    model, tok = editable_default_model()
+    model, tok = editable_default_model(threads)
     cases = load_cases(COUNTERFACT)
     known = [c for c, k in zip(cases, known_mask(model, tok, cases)) if k][:n_facts]
     requests = [c.requests[0] for c in known]
+    extra = {"editor": editpeft.load_editor(editor)} if editor else {}
+    if extra:                                   # loads and checks the editor once, untimed
+        model.add_edit(method, requests[0], name="warm-up", **extra)
+        model.remove_edit("warm-up")
     base_rss = peak_memory_mb()
     seconds, size = 0.0, 0
     for start in range(0, len(requests), batch):
         group = requests[start:start + batch]
         t = time.perf_counter()
-        adapter = model.add_edit(method, group if batch > 1 else group[0], name=f"e{start}")
+        adapter = model.add_edit(method, group if batch > 1 else group[0], name=f"e{start}", **extra)
         seconds += time.perf_counter() - t
         size += adapter.num_bytes()
         model.remove_edit(f"e{start}")
@@ -54,17 +63,22 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=["rome", "memit", "alphaedit", "emmet", "kn", "grace"])
     ap.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--facts", type=int, default=8, help="known CounterFact facts edited per run")
+    ap.add_argument("--editor", action="append", default=[], metavar="METHOD=PATH",
+                    help="the trained editor of a method that edits with one (repeatable)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    editors = dict(e.split("=", 1) for e in args.editor)
     if args.child:
         method, batch = args.child.split(":")
-        print(json.dumps(run_one(method, int(batch), args.facts)))
+        print(json.dumps(run_one(method, int(batch), args.facts, editors.get(method), args.threads)))
         return
     rows = []
     for method in args.methods:
         for batch in args.batch_sizes:
-            out = subprocess.run([sys.executable, __file__, "--child", f"{method}:{batch}", "--facts", str(args.facts)],
-                                 capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--child", f"{method}:{batch}", "--facts", str(args.facts),
+                   "--threads", str(args.threads), *(f"--editor={e}" for e in args.editor)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
                 rows.append({"method": method, "batch": batch, "stats": "failed"})
