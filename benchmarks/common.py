@@ -22,12 +22,15 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def setup_threads(n: int = 2) -> None:
-    torch.set_num_threads(n)
+def setup_threads(n: int | None = None) -> None:
+    """torch's intra-op threads: ``n``, else ``$OMP_NUM_THREADS``, else 2 (the benchmark machine's
+    cores). On a 2-core machine shared with another job use 1: two threads then spin-wait for
+    each other and run several times slower than one."""
+    torch.set_num_threads(n or int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 
-def editable_default_model(threads: int = 2):
-    """(editable embedded model, tokenizer) with the benchmarks' thread count."""
+def editable_default_model(threads: int | None = None):
+    """(editable embedded model, tokenizer) with the benchmarks' thread count (see :func:`setup_threads`)."""
     import editpeft
     setup_threads(threads)
     model, tok = editpeft.load_default_model()

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-import torch
+from common import setup_threads
 
 import editpeft
 from editpeft import EditRequest
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=200)
     ap.add_argument("--saves", type=int, default=200, help="saves per writer process")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    setup_threads()
     logging.disable(logging.WARNING)
     tok = tiny_tokenizer()
     model = editpeft.enable_editing(make_tiny_model("llama", tok), tok)

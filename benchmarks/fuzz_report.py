@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import torch  # noqa: E402
+from common import setup_threads  # noqa: E402
 
 import editpeft  # noqa: E402
 from editpeft.fuzzing import fuzz_adapter  # noqa: E402
@@ -29,7 +29,7 @@ def main() -> None:
     from test_fuzz import KINDS, _logit_bias
     from test_routers import ToySide
     from toy_methods import ToyPatch
-    torch.set_num_threads(2)
+    setup_threads()
     logging.disable(logging.WARNING)
     tok = tiny_tokenizer()
     rows, totals = [], Counter()

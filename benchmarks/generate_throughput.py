@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from common import setup_threads
+
 import editpeft
 from editpeft import EditRequest
 from editpeft.registry import registered
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=48)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    setup_threads()
     model, tok = editpeft.load_default_model()
     model = editpeft.enable_editing(model, tok)
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")

@@ -45,10 +45,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="IKE: demonstrations per prompt")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="default: $OMP_NUM_THREADS, else 2")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = editable_default_model()
+    model, tok = editable_default_model(args.threads)
     editor = editpeft.load_editor(args.editor)
     config = {"k": args.k} if args.method == "ike" else None
     requests = [c.requests[0] for c in load_cases(args.data)[:args.edits]]
@@ -69,7 +68,7 @@ def main() -> None:
         rows["memory live, unrelated prompts"].append(seconds_per_token(model, tok, UNRELATED, args.new_tokens))
         rows["memory live, edited prompts"].append(seconds_per_token(model, tok, edited, args.new_tokens))
     base = statistics.median(rows["no edit"])
-    print(f"generate, batch {len(UNRELATED)}, {args.new_tokens} new tokens, {args.threads} threads, "
+    print(f"generate, batch {len(UNRELATED)}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}, {len(requests)} edits in the memory")
     print("| setup | ms/token | added ms/token | ratio |")
     print("|---|---|---|---|")
