@@ -302,7 +302,7 @@ def cmd_train(args) -> int:
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, config=_parse_config(args.config),
                           checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, resume=args.resume,
                           val_data=args.val_data, val_fraction=args.val_fraction, max_grad_norm=args.max_grad_norm,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, exclude=args.exclude)
     metrics = editor.training.get("metrics") or {}
     print((f"built the {args.method} editor from {editor.training['records']} records" if editor.training.get("built")
            else f"trained the {args.method} editor for {editor.training['steps']} steps")
@@ -522,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON object of the method's hyper-parameters or a card path")
     p.add_argument("--val-data", help="validation requests (same formats as --data)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of --data instead")
+    p.add_argument("--exclude", metavar="FILE",
+                   help="drop training records whose subject (else prompt) appears in FILE, e.g. the evaluation set")
     p.add_argument("--max-grad-norm", type=float)
     p.add_argument("--model", help="a transformers model folder or id (default: the embedded model)")
     p.add_argument("--push", metavar="REPO", help="push the trained editor to this Hub repo")

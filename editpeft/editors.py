@@ -510,11 +510,32 @@ def _is_request_list(records: list) -> bool:
         and set(records[0]) <= {f.name for f in dataclasses.fields(EditRequest)}
 
 
+def _fact_key(request: EditRequest) -> str:
+    """What identifies a fact across datasets: its subject, else its prompt (case-folded)."""
+    return " ".join((request.subject or request.prompt).split()).casefold()
+
+
+def excluding(items: list, keys_of, exclude, name: str, digest: str) -> tuple[list, str, str]:
+    """``items`` without those whose fact (``keys_of(item)``: their requests' subjects or prompts)
+    appears in ``exclude`` (a file or list of the formats :func:`read_training_data` reads): a
+    training set kept disjoint from an evaluation set. Returns (kept, name, sha256 of both)."""
+    if exclude is None:
+        return items, name, digest
+    held_out, ex_name, ex_digest = read_training_data(exclude)
+    banned = {_fact_key(r) for r in held_out}
+    kept = [it for it in items if not any(_fact_key(r) in banned for r in keys_of(it))]
+    logger.info("excluded %d of %d training records whose subject is in %s", len(items) - len(kept), len(items),
+                ex_name)
+    if not kept:
+        raise ConfigError(f"every training record shares a subject with {ex_name}; nothing is left to train on")
+    return kept, f"{name} minus {ex_name}", hashlib.sha256(f"{digest}-{ex_digest}".encode()).hexdigest()
+
+
 def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike | None = None, steps: int = 100,
                  batch_size: int = 4, lr: float = 1e-3, seed: int = 0, config: Any = None,
                  checkpoint_every: int | None = None, eval_every: int | None = None, keep_checkpoints: int = 2,
                  resume: bool = False, val_data=None, val_fraction: float = 0.0, max_grad_norm: float | None = None,
-                 progress: bool = True) -> Editor:
+                 progress: bool = True, exclude=None) -> Editor:
     """Train ``method``'s editor on ``model`` with ``data`` and return it (also saved to ``out``).
 
     ``data`` is a file (see :func:`read_training_data`) or a list of requests. Each step draws
@@ -524,7 +545,8 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
     required; ``steps`` may be larger) and ends with the same editor an uninterrupted run gives.
     Validation (on ``val_data``, or a ``val_fraction`` of ``data``) runs at step 0, every
     ``eval_every`` steps (default: ``checkpoint_every``) and at the end; its metrics go into the
-    editor's ``training`` provenance.
+    editor's ``training`` provenance. ``exclude`` (a file or list) drops every training record
+    whose subject (else prompt) appears in it, e.g. the evaluation set the editor will be measured on.
 
     Example:
         >>> editor = train_editor("mend", model, tok, "zsre_train.json", out="editors/mend", steps=500,
@@ -545,8 +567,9 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
         raise ConfigError(f"checkpoint_every must be positive, got {checkpoint_every}")
     cfg = impl.resolve_config(model, config)
     if type(impl).builds_editor():
-        return _build_editor(impl, model, tokenizer, data, cfg, out, seed)
+        return _build_editor(impl, model, tokenizer, data, cfg, out, seed, exclude)
     requests, data_name, data_sha = read_training_data(data)
+    requests, data_name, data_sha = excluding(requests, lambda r: [r], exclude, data_name, data_sha)
     requests, val, val_sha = _validation_split(requests, val_data, val_fraction, seed)
     eval_every = eval_every or checkpoint_every
     device = next(model.parameters()).device
@@ -633,10 +656,12 @@ def _param_groups(names: Sequence[str], params: Sequence[torch.Tensor], lr: floa
     return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
 
 
-def _build_editor(impl, model, tokenizer, data, cfg, out: str | os.PathLike | None, seed: int) -> Editor:
+def _build_editor(impl, model, tokenizer, data, cfg, out: str | os.PathLike | None, seed: int,
+                  exclude=None) -> Editor:
     """One seeded pass of ``impl.build_editor`` over the data as cases; provenance as training's (0 steps)."""
     from .registry import method_info
     cases, data_name, data_sha = read_training_cases(data)
+    cases, data_name, data_sha = excluding(cases, lambda c: c.requests, exclude, data_name, data_sha)
     with computing(model), _seeded(seed, model, "build"):
         editor = impl.build_editor(model, tokenizer, cases, cfg)
     if not isinstance(editor, Editor) or editor.method != impl.name:

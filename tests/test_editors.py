@@ -355,3 +355,22 @@ def test_evaluation_runs_are_tied_to_their_editor(tiny, toy_data, tmp_path):
     again = editpeft.evaluate(model, tok, "grad_step", cases, out=tmp_path / "run", editors={"grad_step": second},
                               progress=False, overwrite=True)["grad_step"]
     assert again["settings"]["editor"] == second.provenance()
+
+
+def test_training_can_exclude_the_facts_of_an_evaluation_set(tiny, toy_data, tmp_path):
+    """--exclude drops every training record sharing a subject with the given file; the provenance
+    names both files and a resumed run must use the same exclusion."""
+    model, tok = tiny
+    train, _ = toy_data
+    held_out = tmp_path / "eval.json"
+    held_out.write_text(json.dumps([{"prompt": "Where is the {}?", "subject": "colosseum", "target_new": "x"}]))
+    editor = editpeft.train_editor("grad_step", model, tok, train, exclude=held_out, **{**TRAIN, "steps": 1})
+    subjects = [r["subject"] for r in toy_requests(12)]
+    assert editor.training["records"] == len(subjects) - subjects.count("Colosseum") == 10
+    assert editor.training["data"] == "train.json minus eval.json"
+    plain = editpeft.train_editor("grad_step", model, tok, train, **{**TRAIN, "steps": 1})
+    assert plain.training["data_sha256"] != editor.training["data_sha256"]
+    everything = tmp_path / "all.json"
+    everything.write_text(json.dumps(toy_requests(12)))
+    with pytest.raises(editpeft.ConfigError, match="nothing is left"):
+        editpeft.train_editor("grad_step", model, tok, train, exclude=everything, **{**TRAIN, "steps": 1})
