@@ -25,6 +25,7 @@ from editpeft.cards import card_path
 from editpeft.evaluation import EvalCase, evaluate, load_cases, write_report
 
 ZSRE = DATA / "portability" / "zsre_one_hop.json"
+ZSRE_ALIAS = DATA / "portability" / "zsre_subject_replace.json"
 ZSRE_TEST = DATA / "zsre" / "knowedit_zsre_test_all.json"
 COUNTERFACT_EDIT = DATA / "counterfact" / "easyedit_counterfact_edit.json"
 SETTINGS = {
@@ -46,6 +47,8 @@ SETTINGS = {
     "cf-seq1000": dict(data=COUNTERFACT_EDIT, known_only=False, n=1000, mode="sequential", batch_size=1,
                        checkpoints=[1, 10, 100, 1000]),
     "zsre-single": dict(data=ZSRE, known_only=False, n=200, mode="single"),
+    # the survey's subject-alias portability: the edit must carry over to another name of the subject
+    "zsre-alias": dict(data=ZSRE_ALIAS, known_only=False, n=100, mode="single"),
     # issue 13: 200 edits in one memory (one batch: SERAC's and IKE's memory holds them all at once)
     "zsre-memory200": dict(data=ZSRE, known_only=False, n=200, mode="batch", batch_size=200),
     "zsre-sequential": dict(data=ZSRE, known_only=False, n=100, mode="sequential", checkpoints=[1, 10, 50, 100]),
