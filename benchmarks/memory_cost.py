@@ -5,7 +5,7 @@ scope (SERAC runs the base model for them, IKE still prepends its nearest fact) 
 prompts themselves (SERAC's counterfactual model with the edit's descriptor; IKE's demonstrations).
 
     python benchmarks/memory_cost.py --method serac --editor runs/editors/serac-zsre [--edits 200]
-    python benchmarks/memory_cost.py --method ike --editor runs/editors/ike-zsre [--edits 200] --k 16
+    python benchmarks/memory_cost.py --method ike --editor runs/editors/ike-zsre [--edits 200] [--k 4]
 
 All timings are medians of ``--repeats`` interleaved runs in one process (greedy, KV cache, batch
 of 4, ``--new-tokens`` tokens; the per-token figure includes the prompt/prefix pass).
@@ -42,14 +42,14 @@ def main() -> None:
     ap.add_argument("--editor", required=True, help="the method's editor folder (or Hub repo id)")
     ap.add_argument("--data", default="../../shared/data/portability/zsre_one_hop.json")
     ap.add_argument("--edits", type=int, default=200)
-    ap.add_argument("--k", type=int, default=16, help="IKE: demonstrations per prompt")
+    ap.add_argument("--k", type=int, default=None, help="IKE: demonstrations per prompt (default: the card's)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="default: $OMP_NUM_THREADS, else 2")
     args = ap.parse_args()
     model, tok = editable_default_model(args.threads)
     editor = editpeft.load_editor(args.editor)
-    config = {"k": args.k} if args.method == "ike" else None
+    config = {"k": args.k} if args.method == "ike" and args.k is not None else None
     requests = [c.requests[0] for c in load_cases(args.data)[:args.edits]]
     times = []
     for i, r in enumerate(requests):
