@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from common import COUNTERFACT, DATA, editable_default_model
 
@@ -141,11 +142,13 @@ def main() -> None:
         if path is None:
             print(f"no card for {method}/{model.config.model_type}; results not written", file=sys.stderr)
             continue
+        threads = torch.get_num_threads()
         earlier = (yaml.safe_load(Path(path).read_text()) or {}).get("results") or {}
         kept = {k: v for k, v in earlier.items() if k in SETTINGS and k not in results[method]}
         block = {"date": datetime.date.today().isoformat(),
                  "command": "python benchmarks/eval_cards.py (settings as in SETTINGS there; runs merged per setting)",
-                 "machine": "2 CPU threads, no GPU, float32, embedded SmolLM2-135M-Instruct",
+                 "machine": f"{threads} CPU thread(s) for the latest settings, no GPU, float32, embedded "
+                            "SmolLM2-135M-Instruct",
                  "protocols": "token_em, prob_margin, gen_em (see editpeft/evaluation/metrics.py)",
                  **kept, **results[method]}
         write_card_results(Path(path), block)
