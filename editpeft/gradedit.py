@@ -82,10 +82,9 @@ def loss_token_mask(batch: TargetBatch) -> torch.Tensor:
 def target_token_mask(batch: TargetBatch) -> torch.Tensor:
     """(B, T) bool: only the positions of a causal batch whose logits predict a target token (the last
     prompt token and every target token but the last) — the "answer" positions of UltraEdit's cache."""
-    B, T = batch.input_ids.shape
-    mask = torch.zeros(B, T, dtype=torch.bool, device=batch.input_ids.device)
-    for b in range(B):
-        mask[b, batch.target_positions(b).to(mask.device)] = True
+    mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=batch.input_ids.device)
+    where = batch.target_where().to(mask.device)
+    mask[where[:, 0], where[:, 1]] = True
     return mask
 
 
