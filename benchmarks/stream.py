@@ -16,11 +16,12 @@ generalization / locality, cumulative edit seconds, adapter bytes, peak resident
 from __future__ import annotations
 
 import argparse
-import os
+import json
 from pathlib import Path
 
 from common import DATA, editable_default_model
 
+from editpeft.cli import resolve_shard
 from editpeft.evaluation import evaluate
 from editpeft.evaluation.report import combine, plot
 
@@ -31,14 +32,6 @@ METRICS = ("reliability", "generalization", "locality")
 def checkpoints(n: int, every: int, batch_size: int) -> list[int]:
     """1 batch, then every ``every`` edits, and ``n``."""
     return sorted({batch_size, *range(every, n + 1, every), n})
-
-
-def shard_of(text: str | None) -> tuple[int, int]:
-    if text:
-        i, k = (int(x) for x in text.split("/"))
-        return i, k
-    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-    return (int(rank), int(world)) if rank is not None and world is not None else (0, 1)
 
 
 def print_curves(summaries: dict) -> None:
@@ -77,10 +70,9 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out / f"{args.data.stem}-n{args.n}-b{args.batch_size}"
     if not args.report_only:
-        import json
         configs = {m: json.loads(c) for m, c in (x.split("=", 1) for x in args.config)}
         model, tok = editable_default_model(args.threads)
-        shard = shard_of(args.shard)
+        shard = resolve_shard(args.shard)
         folder = out / (f"shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else "single")
         for method in args.methods:
             evaluate(model, tok, method, args.data, out=folder, mode="sequential", n=args.n,

@@ -58,13 +58,19 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def resolve_shard(text: str | None) -> tuple[int, int]:
+    """The shard ``(i, n)`` a process evaluates: ``--shard i/n`` if given, else the rank under
+    ``accelerate launch`` / ``torchrun``, else ``(0, 1)``."""
+    return _parse_shard(text) or _distributed_rank() or (0, 1)
+
+
 def cmd_eval(args) -> int:
     import os
 
     import torch
 
     from .evaluation import evaluate
-    shard = _parse_shard(args.shard) or _distributed_rank() or (0, 1)
+    shard = resolve_shard(args.shard)
     model, tok = _load_model(args.model, args.device_map, args.dtype)
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and not args.device_map:
         model.to(f"cuda:{int(os.environ['LOCAL_RANK'])}")
