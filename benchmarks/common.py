@@ -35,3 +35,13 @@ def editable_default_model(threads: int | None = None):
     setup_threads(threads)
     model, tok = editpeft.load_default_model()
     return editpeft.enable_editing(model, tok), tok
+
+
+def greedy_generate_seconds(model, enc, new_tokens: int, pad_token_id: int) -> float:
+    """Wall seconds of one greedy ``generate`` of exactly ``new_tokens`` tokens per row of ``enc``."""
+    import time
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=pad_token_id)
+    return time.perf_counter() - start

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from common import setup_threads
+from common import greedy_generate_seconds, setup_threads
 
 import editpeft
 from editpeft import EditRequest
@@ -44,12 +43,8 @@ class PassThrough(editpeft.EditMethod):
 
 
 def tokens_per_second(model, enc, new_tokens: int) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=editpeft.tokens.pad_id(model.edit_state.tokenizer))
-    seconds = time.perf_counter() - start
-    return (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] / seconds
+    seconds = greedy_generate_seconds(model, enc, new_tokens, editpeft.tokens.pad_id(model.edit_state.tokenizer))
+    return new_tokens * enc["input_ids"].shape[0] / seconds
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def main() -> None:
                 with output_edit(module, shift):
                     # the LM head at the last positions only, as the optimisation does (logits_to_keep)
                     logits = model(**batch.model_inputs(), use_cache=False, logits_to_keep=2).logits
-                    loss = -torch.log_softmax(logits.float(), -1)[..., 0].mean()
+                    loss = -torch.log_softmax(logits.float(), -1)[..., 0].mean()   # any scalar: only its cost matters
                     loss.backward()
                 end = time.perf_counter()
                 totals.append(end - start)

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from common import editable_default_model
+from common import editable_default_model, greedy_generate_seconds
 
 import editpeft
 from editpeft.evaluation import load_cases
@@ -29,11 +29,7 @@ UNRELATED = ["The Eiffel Tower is located in the city of", "The chemical symbol 
 def seconds_per_token(model, tok, prompts: list[str], new_tokens: int) -> float:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tok.pad_token_id)
-    return (time.perf_counter() - start) / new_tokens
+    return greedy_generate_seconds(model, enc, new_tokens, tok.pad_token_id) / new_tokens
 
 
 def main() -> None:
