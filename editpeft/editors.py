@@ -515,7 +515,7 @@ def _fact_key(request: EditRequest) -> str:
     return " ".join((request.subject or request.prompt).split()).casefold()
 
 
-def excluding(items: list, keys_of, exclude, name: str, digest: str) -> tuple[list, str, str]:
+def _excluding(items: list, keys_of, exclude, name: str, digest: str) -> tuple[list, str, str]:
     """``items`` without those whose fact (``keys_of(item)``: their requests' subjects or prompts)
     appears in ``exclude`` (a file or list of the formats :func:`read_training_data` reads): a
     training set kept disjoint from an evaluation set. Returns (kept, name, sha256 of both)."""
@@ -569,7 +569,7 @@ def train_editor(method: str, model, tokenizer, data, *, out: str | os.PathLike 
     if type(impl).builds_editor():
         return _build_editor(impl, model, tokenizer, data, cfg, out, seed, exclude)
     requests, data_name, data_sha = read_training_data(data)
-    requests, data_name, data_sha = excluding(requests, lambda r: [r], exclude, data_name, data_sha)
+    requests, data_name, data_sha = _excluding(requests, lambda r: [r], exclude, data_name, data_sha)
     requests, val, val_sha = _validation_split(requests, val_data, val_fraction, seed)
     eval_every = eval_every or checkpoint_every
     device = next(model.parameters()).device
@@ -661,7 +661,7 @@ def _build_editor(impl, model, tokenizer, data, cfg, out: str | os.PathLike | No
     """One seeded pass of ``impl.build_editor`` over the data as cases; provenance as training's (0 steps)."""
     from .registry import method_info
     cases, data_name, data_sha = read_training_cases(data)
-    cases, data_name, data_sha = excluding(cases, lambda c: c.requests, exclude, data_name, data_sha)
+    cases, data_name, data_sha = _excluding(cases, lambda c: c.requests, exclude, data_name, data_sha)
     with computing(model), _seeded(seed, model, "build"):
         editor = impl.build_editor(model, tokenizer, cases, cfg)
     if not isinstance(editor, Editor) or editor.method != impl.name:

@@ -64,7 +64,7 @@ def summarize(lines: Iterable[dict[str, Any]], settings: dict[str, Any] | None =
             since = [s for ln in at_k for s in ln.get("edit_seconds_since_last_checkpoint", [])]
             seconds.extend(since)
             elapsed += sum(since)
-            curve.append({"edits": k, "scored": len(at_k), "metrics": _means(at_k),
+            curve.append({"edits": k, "scored": sum(1 for ln in at_k if ln.get("scores")), "metrics": _means(at_k),
                           "edit_seconds_total": round(elapsed, 3),
                           "adapter_bytes": max(ln.get("adapter_bytes", 0) for ln in at_k),
                           "peak_memory_mb": max(ln.get("peak_memory_mb", 0.0) for ln in at_k)})

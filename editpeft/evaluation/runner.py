@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -59,7 +60,6 @@ class RunSettings:
     model: str = ""
     sample: int | None = None
     editor: dict[str, str] | None = None      # the trained editor's id and sha256 (methods that use one)
-
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -329,7 +329,6 @@ def checkpoint_sample(n_done: int, n_total: int, sample: int | None) -> list[int
         >>> len(checkpoint_sample(1000, 10_000, 200)), checkpoint_sample(10_000, 10_000, 200)[-1]
         (200, 9999)
     """
-    import random
     if sample is None or n_done >= n_total or sample >= n_done:
         return list(range(n_done))
     return sorted(random.Random(n_done).sample(range(n_done), sample))
