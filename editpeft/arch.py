@@ -206,6 +206,19 @@ class Arch:
         """Dotted name of block ``layer`` of ``stack``."""
         return f"{self.stack(stack).layers}.{self.check_layer(layer, stack)}"
 
+    def layer_of(self, name: str, stack: str | None = None) -> int | None:
+        """Index of the block of ``stack`` that holds module ``name``, or None when it is outside
+        every block.
+
+        >>> get_arch(llama).layer_of("model.layers.3.mlp.down_proj")   # doctest: +SKIP
+        3
+        """
+        prefix = self.stack(stack).layers + "."
+        if not name.startswith(prefix):
+            return None
+        head = name[len(prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
     # -- sites -------------------------------------------------------------------------------
     def site(self, layer: int, name: str, stack: str | None = None) -> Site:
         """The named site (one of :data:`SITE_NAMES`) of block ``layer`` of ``stack``.

@@ -23,12 +23,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .arch import get_arch
 from .probe import activations_at, as_btd, output_edit
 from .corpus import CORPORA
 from .errors import EditOptimizationError
 from .method import MethodConfig, check
 from .request import EditRequest
 from .stats import second_moment
+from .suffix import BlockSuffix
 from .tokens import TargetBatch, seeded_generate
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,9 @@ class LocateEditConfig(MethodConfig):
     stats_corpus: str = field(default="pydoc", metadata={"help": f"corpus of the key statistics: {CORPORA}"})
     stats_tokens: int = field(default=40_000, metadata={"help": "tokens used for the key statistics"})
     seed: int = field(default=0, metadata={"help": "seed of the context-prefix sampling"})
+    suffix_replay: bool = field(default=True, metadata={
+        "help": "replay only the blocks from the edited one up during the value optimisation (exact; "
+                "checked on the first step, falls back to the whole model)"})
 
     def validate(self) -> None:
         check(self.v_steps >= 1, "v_steps must be >= 1")
@@ -144,7 +149,7 @@ class LocateEditConfig(MethodConfig):
     def value_options(self) -> dict:
         """Keyword arguments of :func:`optimize_value`."""
         return dict(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor, weight_decay=self.v_weight_decay,
-                    clamp_norm_factor=self.clamp_norm_factor, stop_nll=self.stop_nll)
+                    clamp_norm_factor=self.clamp_norm_factor, stop_nll=self.stop_nll, suffix=self.suffix_replay)
 
 
 def key_statistics(model, tokenizer, module_name: str, config: LocateEditConfig) -> torch.Tensor:
@@ -169,7 +174,8 @@ def optimize_value(model, tokenizer, module_name: str, request: EditRequest, tem
 
 def optimize_values(model, tokenizer, module_name: str, requests: Sequence[EditRequest], templates: Sequence[str], *,
                     steps: int, lr: float, kl_factor: float, weight_decay: float, clamp_norm_factor: float,
-                    kl_prompt: str = "{} is a", stop_nll: float = 5e-2, chunk: int = 1) -> list[ValueResult]:
+                    kl_prompt: str = "{} is a", stop_nll: float = 5e-2, chunk: int = 1,
+                    suffix: bool = True) -> list[ValueResult]:
     """For each request, optimise delta_i so that the model, with ``module``'s output at the
     subject's last token shifted by delta_i in every template, predicts ``target_new``.
 
@@ -182,9 +188,16 @@ def optimize_values(model, tokenizer, module_name: str, requests: Sequence[EditR
     positions), hence the default of 1. A request stops once its target NLL is below ``stop_nll``
     (the reference code stops on the total loss, which on small models never gets below its
     threshold once the clamp is reached) and its rows leave the batch.
+
+    ``suffix=True`` runs each step from the edited block up (:class:`~editpeft.suffix.BlockSuffix`,
+    captured during the first, unedited forward): nothing below the edited module depends on the
+    deltas, so the steps differ from whole-model steps only in float32 rounding. The first step
+    (all deltas zero) must reproduce that forward's logits, else the whole model runs; with
+    ``chunk`` > 1 the rows of finished requests then stay in the replayed batch (their deltas
+    frozen) instead of leaving it.
     """
     opts = dict(steps=steps, lr=lr, kl_factor=kl_factor, weight_decay=weight_decay,
-                clamp_norm_factor=clamp_norm_factor, kl_prompt=kl_prompt, stop_nll=stop_nll)
+                clamp_norm_factor=clamp_norm_factor, kl_prompt=kl_prompt, stop_nll=stop_nll, suffix=suffix)
     out: list[ValueResult] = []
     for start in range(0, len(requests), chunk):
         out.extend(_optimize_chunk(model, tokenizer, module_name, list(requests[start:start + chunk]), templates, **opts))
@@ -192,7 +205,7 @@ def optimize_values(model, tokenizer, module_name: str, requests: Sequence[EditR
 
 
 def _optimize_chunk(model, tokenizer, module_name, requests, templates, *, steps, lr, kl_factor, weight_decay,
-                    clamp_norm_factor, kl_prompt, stop_nll) -> list[ValueResult]:
+                    clamp_norm_factor, kl_prompt, stop_nll, suffix) -> list[ValueResult]:
     module = model.get_submodule(module_name)
     device = next(model.parameters()).device
     texts, spans, targets, owner, kl_row = [], [], [], [], {}
@@ -238,8 +251,11 @@ def _optimize_chunk(model, tokenizer, module_name, requests, templates, *, steps
         captured["v"] = as_btd(out, full.input_ids)[torch.arange(len(texts), device=device), lookup].detach()
         return out
 
-    with torch.no_grad(), output_edit(module, record):
+    layer = get_arch(model).layer_of(module_name) if suffix else None
+    recorder = BlockSuffix.recording(model, layer) if layer is not None else nullcontext([])
+    with torch.no_grad(), output_edit(module, record), recorder as recorded:
         logits0 = forward_logits(model, full, torch.tensor(keep, device=device))
+    replay = recorded[0] if recorded else None
     col0 = {p: c for c, p in enumerate(keep)}
     v_init = [captured["v"][rw_rows[i][0]].float() for i in range(len(requests))]
     kl_init = {i: F.log_softmax(logits0[j, col0[full.subject_last[j]]].float(), -1) for i, j in kl_row.items()}
@@ -252,12 +268,13 @@ def _optimize_chunk(model, tokenizer, module_name, requests, templates, *, steps
     active = list(range(len(requests)))
 
     for step in range(1, steps + 1):
-        rows = [j for j in all_rows if owner[j] in active]
+        rows = all_rows if replay is not None else [j for j in all_rows if owner[j] in active]
         batch, keep = sub_batch(rows), positions(rows)
         col = {p: c for c, p in enumerate(keep)}
         local = {j: r for r, j in enumerate(rows)}
         row_owner = torch.tensor([owner[j] for j in rows], device=device)
-        stacked = torch.stack(deltas)
+        # finished requests' deltas are constants now: no gradient, so Adam leaves them as recorded
+        stacked = torch.stack([d if i in active else d.detach() for i, d in enumerate(deltas)])
 
         def shift(x, out):
             add = torch.zeros_like(as_btd(out, batch.input_ids))
@@ -267,7 +284,13 @@ def _optimize_chunk(model, tokenizer, module_name, requests, templates, *, steps
 
         opt.zero_grad(set_to_none=True)
         with torch.enable_grad(), output_edit(module, shift):
-            logits = forward_logits(model, batch, torch.tensor(keep, device=device))
+            columns = torch.tensor(keep, device=device)
+            logits = replay.logits_at(columns) if replay is not None else None
+            if step == 1 and replay is not None and not BlockSuffix.reproduces(logits, logits0):
+                logger.debug("the block replay from %s does not reproduce the model; running it whole", module_name)
+                replay, logits = None, None
+            if logits is None:
+                logits = forward_logits(model, batch, columns)
             logps = batch.target_logprobs(logits, keep)
             total = logits.new_zeros((), dtype=torch.float32)
             finished = []
@@ -287,7 +310,8 @@ def _optimize_chunk(model, tokenizer, module_name, requests, templates, *, steps
                 last[i] = (loss_val, nll_val)
                 if nll_val < stop_nll:
                     finished.append(i)
-                    results[i] = ValueResult(deltas[i].detach(), float(v_init[i].norm()), loss_val, nll_val, step)
+                    results[i] = ValueResult(deltas[i].detach().clone(), float(v_init[i].norm()), loss_val, nll_val,
+                                             step)
                 else:
                     total = total + loss
             logger.debug("step %d: %d active, total loss %.4f", step, len(active), float(total.detach()))

@@ -24,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -125,7 +126,9 @@ class BlockSuffix:
     (attention masks, rotary tables, position ids) are captured once; :meth:`logits` then runs only
     those blocks — with whatever hooks are registered on them at that time, e.g. a change being
     trained — and the head, at the positions asked. Exact when the layers below ``start`` are
-    unchanged (checked on capture: the replay must reproduce the model's logits).
+    unchanged: :meth:`capture` checks it with one extra replay; :meth:`recording` captures during
+    a forward the caller runs anyway and leaves the check to the caller (compare the first
+    replay, made before anything changed, with that forward's logits: :meth:`reproduces`).
     """
 
     blocks: list[nn.Module]
@@ -133,25 +136,47 @@ class BlockSuffix:
     hidden: torch.Tensor
     head: OutputHead
 
-    def logits(self, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits at ``positions`` ((row, position) pairs, shape (n, 2)); all positions if None."""
+    def last_hidden(self) -> torch.Tensor:
+        """The last block's output (batch × time × width) replayed from the captured input."""
         h = self.hidden
         for block, (args, kwargs) in zip(self.blocks, self.calls):
             h = site_tensor(block(h, *args, **kwargs))
+        return h
+
+    def logits(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at ``positions`` ((row, position) pairs, shape (n, 2)); all positions if None."""
+        h = self.last_hidden()
         if positions is not None:
             h = h[positions[:, 0], positions[:, 1]]
         return self.head(h)
 
+    def logits_at(self, columns: torch.Tensor) -> torch.Tensor:
+        """Logits of every row at time steps ``columns`` (batch × len(columns) × vocab), as a
+        forward with ``logits_to_keep=columns`` returns them."""
+        return self.head(self.last_hidden()[:, columns])
+
+    @staticmethod
+    def reproduces(got: torch.Tensor, want: torch.Tensor) -> bool:
+        """Whether replayed logits ``got`` equal the model's own ``want`` (to :data:`REPLAY_RTOL`)."""
+        return _close(got.detach(), want.detach())
+
     @classmethod
-    def capture(cls, model: nn.Module, start: int, inputs: Mapping[str, torch.Tensor],
-                positions: torch.Tensor) -> "BlockSuffix | None":
-        """Capture blocks ``start``.. of one forward on ``inputs``; None unless the replay gives the
-        model's logits at ``positions`` (families whose head is not ``lm_head(final_norm)``, or a
-        forward that does more between blocks)."""
+    @contextmanager
+    def recording(cls, model: nn.Module, start: int) -> Iterator[list["BlockSuffix"]]:
+        """Capture blocks ``start``.. during the one forward run inside the block; the list it
+        yields then holds the suffix, or stays empty when it cannot be replayed (a head that is not
+        ``lm_head(final_norm)``, an encoder-decoder, a forward that skipped blocks). Unchecked.
+
+        >>> with BlockSuffix.recording(model, 3) as got:                    # doctest: +SKIP
+        ...     want = model(**inputs).logits
+        >>> suffix = got[0] if got else None                                 # doctest: +SKIP
+        """
         arch = get_arch(model)
         head = OutputHead.of(model)
+        found: list[BlockSuffix] = []
         if head is None:
-            return None
+            yield found
+            return
         blocks = list(arch.layers())[arch.check_layer(start):]
         calls: list[tuple[tuple, dict]] = []
         first: list[torch.Tensor] = []
@@ -163,19 +188,28 @@ class BlockSuffix:
             calls.append((rest, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
         try:
-            with torch.no_grad():
-                want = model(**inputs, use_cache=False).logits[positions[:, 0], positions[:, 1]]
+            yield found
         finally:
             for h in hooks:
                 h.remove()
-        if len(calls) != len(blocks):
+        if len(calls) == len(blocks):
+            found.append(cls(blocks, calls, first[0].detach(), head))
+
+    @classmethod
+    def capture(cls, model: nn.Module, start: int, inputs: Mapping[str, torch.Tensor],
+                positions: torch.Tensor) -> "BlockSuffix | None":
+        """Capture blocks ``start``.. of one forward on ``inputs``; None unless the replay gives the
+        model's logits at ``positions`` (families whose head is not ``lm_head(final_norm)``, or a
+        forward that does more between blocks)."""
+        with torch.no_grad(), cls.recording(model, start) as got:
+            want = model(**inputs, use_cache=False).logits[positions[:, 0], positions[:, 1]]
+        if not got:
             return None
-        suffix = cls(blocks, calls, first[0].detach(), head)
         with torch.no_grad():
-            if not _close(suffix.logits(positions), want):
+            if not cls.reproduces(got[0].logits(positions), want):
                 logger.debug("block suffix from %d does not reproduce the logits; running the full model", start)
                 return None
-        return suffix
+        return got[0]
 
 
 def _forward(model, read: str, write: str, last: str, inputs, add=None):

@@ -97,3 +97,71 @@ def test_block_suffix_replays_the_model_with_a_hook_inside(family, tiny_tokenize
         want = model(**batch.model_inputs()).logits[where[:, 0], where[:, 1]]
         got = suffix.logits(where)
     assert (got - want).abs().max() <= REPLAY_RTOL * want.abs().max()
+
+
+# -- the locate-then-edit value optimisation from the edited block up ----------------------------
+VALUE_OPTIONS = dict(steps=5, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=1000.0, stop_nll=1e-9)
+TEMPLATES = ["{}", "Once upon a time. {}"]
+REQUESTS = [EditRequest(prompt="The city that holds the {}", subject="Eiffel Tower", target_new="Rome"),
+            EditRequest(prompt="{} is made of", subject="Gold", target_new="shiny metal")]
+
+
+def _forwards(model):
+    """A list that grows by one at every whole-model forward, and the hook's handle."""
+    calls: list[int] = []
+    return calls, model.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+
+def _values(model, tok, *, suffix: bool, chunk: int = 1):
+    from editpeft.arch import get_arch
+    from editpeft.locate import optimize_values
+    name = get_arch(model).mlp_out_name(1)
+    calls, handle = _forwards(model)
+    try:
+        out = optimize_values(model, tok, name, REQUESTS, TEMPLATES, suffix=suffix, chunk=chunk, **VALUE_OPTIONS)
+    finally:
+        handle.remove()
+    return torch.stack([r.delta for r in out]), len(calls)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_value_optimisation_from_the_edited_block_equals_the_whole_model(family, tiny_tokenizer):
+    """In float64 the replayed steps and the whole-model steps give the same deltas up to the
+    rounding of the float32 deltas themselves (each of the 5 Adam steps may round a gradient to a
+    neighbouring float32: depth 2 per step); the replay runs the model whole only once."""
+    from conftest import assert_close_reordered
+    model = make_tiny_model(family, tiny_tokenizer).double()
+    fast, fast_calls = _values(model, tiny_tokenizer, suffix=True)
+    slow, slow_calls = _values(model, tiny_tokenizer, suffix=False)
+    assert fast_calls == len(REQUESTS) and slow_calls == len(REQUESTS) * (VALUE_OPTIONS["steps"] + 1)
+    assert slow.abs().max() > 0
+    assert_close_reordered(fast, slow, depth=2 * VALUE_OPTIONS["steps"])
+
+
+def test_value_optimisation_in_chunks_keeps_finished_deltas(tiny_tokenizer):
+    """Two requests optimised in one chunk give what each gives alone, on both paths (finished
+    requests' deltas must stay as recorded while the others go on)."""
+    from conftest import assert_close_reordered
+    model = make_tiny_model("llama", tiny_tokenizer).double()
+    alone, _ = _values(model, tiny_tokenizer, suffix=False)
+    for suffix in (True, False):
+        together, _ = _values(model, tiny_tokenizer, suffix=suffix, chunk=2)
+        assert_close_reordered(together, alone, depth=2 * VALUE_OPTIONS["steps"])
+
+
+def test_value_optimisation_falls_back_when_the_replay_differs(tiny_tokenizer):
+    """A hook between the last block and the head (here: scaling the body's normalised output) is
+    not part of the replay; the first step notices and the whole model runs, as with ``suffix=False``."""
+    model = make_tiny_model("llama", tiny_tokenizer).double()
+
+    def scale(module, args, out):
+        out.last_hidden_state = out.last_hidden_state * 1.5
+        return out
+    handle = model.model.register_forward_hook(scale)
+    try:
+        fast, fast_calls = _values(model, tiny_tokenizer, suffix=True)
+        slow, _ = _values(model, tiny_tokenizer, suffix=False)
+    finally:
+        handle.remove()
+    assert fast_calls == len(REQUESTS) * (VALUE_OPTIONS["steps"] + 1)
+    assert torch.equal(fast, slow)   # the same code path on the same inputs after the fallback

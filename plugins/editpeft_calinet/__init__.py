@@ -193,7 +193,7 @@ class _Objective:
                 self.replay = LastBlockReplay.capture(model, sites[0].read, sites[0].write, inputs, self.where)
             if self.replay is None:
                 arch = get_arch(model)
-                start = min(_layer_of(arch, s) for s in sites)
+                start = min(arch.layer_of(s.write) for s in sites)
                 self.suffix = BlockSuffix.capture(model, start, inputs, self.where.to(device))
         logger.debug("calinet: %s path", "replay" if self.replay else "suffix" if self.suffix else "full-model")
 
@@ -213,11 +213,6 @@ class _Objective:
     def nll(self, patches: dict[PatchSite, PatchNeurons]) -> torch.Tensor:
         """Mean over rows of each row's mean target-token NLL."""
         return self.batch.flat_target_nll(self.logits(patches))
-
-
-def _layer_of(arch, site: PatchSite) -> int:
-    prefix = arch.stack().layers + "."
-    return int(site.write[len(prefix):].split(".", 1)[0])
 
 
 class CaliNetAdapter(PatchNeuronAdapter):

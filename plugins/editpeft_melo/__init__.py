@@ -446,7 +446,7 @@ def _train_block(model, tokenizer, key_module, loras: list[str], index: BlockInd
     acts = activations_at(model, key_module, inputs)
     route = index.to(device).lookup(acts.reshape(-1, acts.shape[-1]))          # fixed: keys precede the blocks
     where = batch.target_where().to(device)
-    first = _first_block(model, loras)
+    first = min(get_arch(model).layer_of(t) for t in loras)
     suffix = BlockSuffix.capture(model, first, inputs, where) if not batch.is_seq2seq else None
     modules = {t: model.get_submodule(t) for t in loras}
     fixed = {t: (a.to(device), b.to(device)) for t, (a, b) in factors.items()}
@@ -478,9 +478,3 @@ def _train_block(model, tokenizer, key_module, loras: list[str], index: BlockInd
         b[:, lo:hi] = result.params[f"{t}:B"].float().cpu()
         out[t] = (a, b)
     return out
-
-
-def _first_block(model, loras: list[str]) -> int:
-    """The first block holding a LoRA module (the suffix replayed while training)."""
-    prefix = get_arch(model).stack().layers + "."
-    return min(int(t[len(prefix):].split(".", 1)[0]) for t in loras)

@@ -418,7 +418,7 @@ class Wise(editpeft.EditMethod):
         m = adapter.memory
         memory = SideMemory(m.dims, [(i, d.clone()) for i, d in m.shards], m.merged, m.edit_scores.clone(),
                             m.edits_in_shard, m.merges)
-        layer = _layer_of(model, target)
+        layer = get_arch(model).layer_of(target)
         for request in requests:
             if not memory.shards or memory.edits_in_shard >= config.shard_size:
                 memory.shards.append((_shard_mask(memory, config), torch.zeros(memory.dims)))
@@ -440,10 +440,6 @@ class Wise(editpeft.EditMethod):
 IRRELEVANT_ATTR = "_wise_irrelevant"
 
 
-def _layer_of(model, target: str) -> int:
-    arch = get_arch(model)
-    prefix = arch.stack().layers + "."
-    return int(target[len(prefix):].split(".", 1)[0])
 
 
 def _shard_mask(memory: SideMemory, config: WiseConfig) -> torch.Tensor:
