@@ -19,8 +19,10 @@ from common import COUNTERFACT, DATA, editable_default_model, print_table
 from editpeft.evaluation import evaluate
 
 
-#: Sweep data: CounterFact's known facts, or zsRE test records (facts the model need not know).
-DATASETS = {"counterfact": (COUNTERFACT, True), "zsre": (DATA / "zsre" / "knowedit_zsre_test_all.json", False)}
+#: Sweep data: CounterFact's known facts, its first cases whether known or not (the cf-batch100 setting of
+#: eval_cards.py), or zsRE test records (facts the model need not know).
+DATASETS = {"counterfact": (COUNTERFACT, True), "counterfact-all": (COUNTERFACT, False),
+            "zsre": (DATA / "zsre" / "knowedit_zsre_test_all.json", False)}
 
 
 def main() -> None:

@@ -300,11 +300,14 @@ class Runner:
         picked = checkpoint_sample(n_done, len(self.cases), self.s.sample)[shard::shards]
         lines = []
         size = sum(self.model.edits[nm].num_bytes() for nm in names if nm in self.model.edits)
+        bar = self._bar(len(picked), 0, f"scoring after {n_done} edits")
         for i in range(0, len(picked), 16):
             part = picked[i:i + 16]
             cases = [self.cases[j] for j in part]
             for c, sc in zip(cases, self._scored(cases, baselines.get(part))):
                 lines.append(self._line(c, sc, checkpoint=n_done, adapter_bytes=size))
+            bar.update(len(part))
+        bar.close()
         if not lines:                        # a shard with no case to score at this checkpoint
             lines.append({"case_id": f"<checkpoint {n_done}>", "checkpoint": n_done, "scores": None})
         if shard == 0:                       # the stream's edit time is counted once over the shards
