@@ -1,7 +1,8 @@
 """The locate-then-edit value optimisation from the edited block up, against the whole model.
 
 For each known CounterFact fact and method, the same edit is made twice in one process — with
-``suffix_replay`` on (the default: the blocks below the edited one run once) and off — and the
+``suffix_replay`` on (the default: the blocks below the edited one run once, see
+:class:`editpeft.suffix.BlockSuffix`) and off — and the
 table gives the median edit seconds of each, the largest difference between the two adapters'
 weight changes relative to the change's scale, and both adapters' harness scores (token_em).
 
@@ -60,6 +61,8 @@ def main() -> None:
                 scores[replay].append(scorer.score([case], [baselines[i]])[0])
                 changes[replay] = weight_change(model, adapter)
                 model.remove_edit(adapter.name)
+            print(f"{method} fact {i}: {seconds[True][-1]:.2f} s replayed, {seconds[False][-1]:.2f} s whole",
+                  flush=True)
             for name, fast in changes[True].items():
                 slow = changes[False][name]
                 worst = max(worst, float((fast - slow).abs().max() / slow.abs().max()))
@@ -67,7 +70,7 @@ def main() -> None:
                "median s, replay": statistics.median(seconds[True]),
                "median s, whole model": statistics.median(seconds[False]),
                "speed-up": statistics.median(seconds[False]) / statistics.median(seconds[True]),
-               "max |ΔW diff| / max |ΔW|": worst}
+               "max |ΔW diff| / max |ΔW|": f"{worst:.1e}"}
         for replay, label in ((True, "replay"), (False, "whole")):
             for metric in ("reliability", "generalization", "locality"):
                 row[f"{metric[:3]} {label}"] = statistics.mean(s[metric]["token_em"] for s in scores[replay])
