@@ -8,6 +8,14 @@ weight changes relative to the change's scale, and both adapters' harness scores
 
     cd benchmarks
     python suffix_replay.py --methods rome memit alphaedit emmet --facts 10 --threads 2
+
+Measured 2026-12-06 (1 thread, the other core busy with another benchmark; 10 known facts):
+ROME 5.82 s against 6.21 s (1.07x), MEMIT 1.05x, AlphaEdit 1.07x, EMMET 1.05x; the weight changes
+bitwise equal (the replay runs the same blocks on the same inputs) and the harness scores the same.
+The edited layers (2-4 of 30) leave 3.5-5% of a step below them (``layer_share.py``). Tried and
+dropped: a KV cache of the positions before the subject (51 of 126 positions per step) gave no
+speed-up either — at 5-24 positions per row group each block's matmuls run at ~28 GFLOPS, bound
+by reading the weights, so a step costs per weight pass rather than per position.
 """
 from __future__ import annotations
 
