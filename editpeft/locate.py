@@ -1,11 +1,12 @@
-"""Shared machinery of the locate-then-edit family (ROME now; MEMIT, AlphaEdit later).
+"""Shared machinery of the locate-then-edit family (ROME, MEMIT, AlphaEdit, EMMET).
 
 - :func:`context_templates`: random prefixes sampled from the model (ROME §3.1: keys are
   averaged "over a small set of texts x_j ... sampled by generating from G").
 - :func:`subject_keys`: k* = mean_j k(x_j + s), the input of the edited module at the subject's
   last token (ROME Eq. 3).
 - :func:`optimize_value`: the residual delta that makes the model emit the new object, with
-  ROME's KL essence term and weight decay, and the norm clamp (ROME Eq. 4 and its code).
+  ROME's KL essence term and weight decay, and the norm clamp (ROME Eq. 4 and its code); its
+  steps run only the blocks from the edited one up (:class:`~editpeft.suffix.BlockSuffix`).
 
 Example:
     >>> templates = context_templates(model, tokenizer)                           # doctest: +SKIP
