@@ -440,8 +440,6 @@ class Wise(editpeft.EditMethod):
 IRRELEVANT_ATTR = "_wise_irrelevant"
 
 
-
-
 def _shard_mask(memory: SideMemory, config: WiseConfig) -> torch.Tensor:
     """Flat indices of a new shard's random mask (density ρ), seeded by the shard's number so a
     reloaded adapter draws the same masks."""
