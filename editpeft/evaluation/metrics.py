@@ -35,7 +35,8 @@ import torch
 
 from ..tokens import pad_id, target_token_ids
 from .cases import EvalCase, Probe
-from .scoring import BranchScore, greedy_continuations, score_branches
+from .prefix import PrefixStates, attached_floor
+from .scoring import BranchScore, greedy_continuations, record_states, score_branches
 
 PROTOCOLS = ("token_em", "prob_margin", "gen_em")
 FLUENCY = "ngram_entropy"
@@ -100,6 +101,9 @@ class CaseScorer:
         self.fluency = FLUENCY in protocols
         self.greedy_tokens = greedy_tokens
         self.score_kw = score_kw
+        #: unedited hidden states of the probes, kept by ``baseline`` and replayed by ``score`` from
+        #: the first edited block (set by the harness: :mod:`editpeft.evaluation.prefix`); None: off
+        self.prefix: PrefixStates | None = None
 
     # -- the unedited model ----------------------------------------------------------------------
     def baseline(self, cases: Sequence[EvalCase]) -> list[dict[str, Any]]:
@@ -117,10 +121,8 @@ class CaseScorer:
                     prompts.append(probe.prompt)
                     lengths.append(len(plan.aliases[0]) or self.greedy_tokens)
         out: list[dict[str, Any]] = [{} for _ in cases]
-        if not plans:
-            return out
         scores = score_branches(self.model, self.tokenizer, [(p.probe.prompt, p.branches()) for _, p in plans],
-                                **self.score_kw)
+                                prefix=self.prefix, record=True, **self.score_kw) if plans else []
         greedy = self._greedy(prompts, [p.aliases[0] for _, p in plans], lengths, [sc[0] for sc in scores])
         for (pi, plan), sc, g in zip(plans, scores, greedy):
             aliases, contrast, _ = plan.split(sc)
@@ -131,7 +133,29 @@ class CaseScorer:
                 "margin": (primary.total_logprob - contrast.total_logprob) if primary and contrast else None,
                 "greedy": g,
             }
+        if self.prefix is not None:      # every probe score() will run, from the kept block on
+            record_states(self.model, self.tokenizer, [(p.probe.prompt, p.branches())
+                                                       for _, _, p in self._scored_plans(cases, out)],
+                          self.prefix, **self.score_kw)
         return out
+
+    def _scored_plans(self, cases: Sequence[EvalCase], baselines: Sequence[dict[str, Any]]) -> list:
+        """(probe index, baseline, plan) of every probe ``score`` scores, in order."""
+        plans = []
+        for ci, case in enumerate(cases):
+            for group, probes in case.groups().items():
+                for pi, probe in enumerate(probes):
+                    base = baselines[ci].get(_probe_key(group, pi)) if _is_locality(group) else None
+                    if _is_locality(group) and base is None:
+                        raise ValueError(f"case {case.case_id}: no baseline for {group}#{pi}; "
+                                         "call baseline() on the unedited model first")
+                    plans.append((pi, base, self._plan(ci, group, probe, base["greedy"] if base else None)))
+        return plans
+
+    def _replayable_prefix(self) -> PrefixStates | None:
+        """The kept states, when every attached edit writes at or above their block."""
+        floor = attached_floor(self.model) if self.prefix is not None else None
+        return self.prefix if floor is not None and floor >= self.prefix.layer else None
 
     def _greedy(self, prompts, drafts, lengths, verified) -> list[list[int]]:
         by_len: dict[int, list[int]] = defaultdict(list)
@@ -155,17 +179,9 @@ class CaseScorer:
     # -- the edited model ------------------------------------------------------------------------
     def score(self, cases: Sequence[EvalCase], baselines: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, float]]]:
         """Per case: ``{metric: {protocol: value}}`` (see the module docstring)."""
-        plans = []
-        for ci, case in enumerate(cases):
-            for group, probes in case.groups().items():
-                for pi, probe in enumerate(probes):
-                    base = baselines[ci].get(_probe_key(group, pi)) if _is_locality(group) else None
-                    if _is_locality(group) and base is None:
-                        raise ValueError(f"case {case.case_id}: no baseline for {group}#{pi}; "
-                                         "call baseline() on the unedited model first")
-                    plans.append((pi, base, self._plan(ci, group, probe, base["greedy"] if base else None)))
+        plans = self._scored_plans(cases, baselines)
         scores = score_branches(self.model, self.tokenizer, [(p.probe.prompt, p.branches()) for _, _, p in plans],
-                                **self.score_kw)
+                                prefix=self._replayable_prefix(), **self.score_kw)
         per_case: list[dict[str, list[dict[str, float]]]] = [defaultdict(list) for _ in cases]
         for (pi, base, plan), sc in zip(plans, scores):
             aliases, contrast, greedy = plan.split(sc)

@@ -34,6 +34,7 @@ from ..tokens import target_token_ids
 from .cases import EvalCase
 from .datasets import load_dataset
 from .metrics import PROTOCOLS, CaseScorer
+from .prefix import PrefixStates, prefix_layer
 from .report import summarize, write_report
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Runner:
         self.model, self.tokenizer, self.s, self.cases, self.dir = model, tokenizer, settings, cases, run_dir
         self.editor = editor        # the trained editor every add_edit gets (methods that use one)
         self.scorer = CaseScorer(model, tokenizer, settings.protocols)
+        self.scorer.prefix = _prefix_states(model, settings)
         self.progress = progress
         self.device = next(model.parameters()).device
 
@@ -243,6 +245,8 @@ class Runner:
                     scores = self._scored(group, baselines)
                 finally:
                     self.model.remove_edit(name)
+                    if self.scorer.prefix is not None:     # each group's probes are scored once
+                        self.scorer.prefix.clear()
                 lines = [self._line(c, sc, edit_seconds=seconds / len(group), adapter_bytes=adapter.num_bytes(),
                                     group_size=len(group)) for c, sc in zip(group, scores)]
             self.dir.append(lines)
@@ -322,6 +326,18 @@ class Runner:
             _write_json(tmp / "progress.json", {"applied": applied, "names": names})
 
 
+def _prefix_states(model, settings: RunSettings) -> PrefixStates | None:
+    """Kept unedited states for scoring from the first block the method edits (None: whole model)."""
+    from ..registry import get_method
+    method = get_method(settings.method)
+    try:
+        targets = method.targets(model, method.resolve_config(model, settings.config))
+    except EditError:          # an invalid config: every edit fails, nothing is scored
+        return None
+    layer = prefix_layer(model, targets)
+    return PrefixStates(layer) if layer is not None else None
+
+
 def checkpoint_sample(n_done: int, n_total: int, sample: int | None) -> list[int]:
     """Indices of the edits scored at checkpoint ``n_done``: all of them at the last checkpoint or
     without ``sample``, else ``sample`` drawn without replacement, seeded by ``n_done`` (a resumed run
@@ -343,7 +359,9 @@ class _LazyBaselines:
 
     They are computed in fixed chunks of the case list (cases 0-15, 16-31, ...) whichever case asks:
     a batch's padding changes float32 results in the last bits, so fixed chunks make a resumed or a
-    sampled run score exactly as an uninterrupted, unsampled one.
+    sampled run score exactly as an uninterrupted, unsampled one. The same passes keep the states the
+    scored passes replay from the first edited block (:mod:`editpeft.evaluation.prefix`), so those
+    too are computed in the same chunks whichever checkpoint first needs them.
     """
 
     def __init__(self, model, scorer: CaseScorer, cases: Sequence[EvalCase], chunk: int = 16):

@@ -20,13 +20,18 @@ Example:
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..suffix import BlockSuffix
 from ..tokens import decoder_start_id, model_device, pad_id, pad_rows
+from .prefix import PrefixDone, PrefixStates, recording, replaying
+
+logger = logging.getLogger(__name__)
 
 Item = tuple[str, Sequence[Sequence[int]]]
 
@@ -148,9 +153,33 @@ def _read_branches(seg: _Segment, logp_at, argmax_at, offset: int) -> list[Branc
     return out
 
 
+def _key(seg: _Segment) -> tuple:
+    """What a segment's hidden states depend on: its tokens and their tree layout."""
+    return tuple(seg.ids), seg.prompt_len, tuple(seg.branches)
+
+
 @torch.no_grad()
-def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per_batch: int,
-                  pad: int) -> dict[int, list[BranchScore]]:
+def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per_batch: int, pad: int,
+                  prefix: PrefixStates | None = None, record: bool = False) -> dict[int, list[BranchScore]]:
+    """Packed rows through the model. With ``prefix``: ``record`` keeps each segment's hidden state
+    entering block ``prefix.layer``; otherwise segments whose states are kept run from that block
+    only (see :mod:`editpeft.evaluation.prefix`)."""
+    if prefix is None or record or not prefix.usable:
+        keeping = record and prefix is not None and prefix.usable and not prefix.full
+        return _run_rows(model, segments, max_row_tokens, rows_per_batch, pad, prefix if keeping else None,
+                         replay=False)
+    kept = [s for s in segments if _key(s) in prefix.states]
+    rest = [s for s in segments if _key(s) not in prefix.states]
+    out = _run_rows(model, kept, max_row_tokens, rows_per_batch, pad, prefix, replay=True) if kept else {}
+    out.update(_run_rows(model, rest, max_row_tokens, rows_per_batch, pad, None, replay=False) if rest else {})
+    return out
+
+
+def _run_rows(model, segments: list[_Segment], max_row_tokens: int, rows_per_batch: int, pad: int,
+              prefix: PrefixStates | None, replay: bool, states_only: bool = False) -> dict[int, list[BranchScore]]:
+    """Scores of packed rows of ``segments``; with ``prefix``, ``replay`` runs them from its block
+    (their states are kept), else their states are recorded — and, with ``states_only``, nothing
+    else: each forward stops at the block (no scores are returned)."""
     device, dtype = model_device(model), _dtype(model)
     rows = [_build_row(r) for r in _pack(segments, max_row_tokens)]
     out: dict[int, list[BranchScore]] = {}
@@ -168,10 +197,22 @@ def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per
         keep = sorted({q for r in group for q in r.read})
         inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                       use_cache=False)
-        if _keeps_logits(model):
-            logits = model(**inputs, logits_to_keep=torch.tensor(keep, device=device)).logits
+        if replay:
+            logits = _replayed_logits(model, inputs, keep, group, prefix)
+        elif prefix is not None:                       # record the states entering block prefix.layer
+            seen: list[torch.Tensor] = []
+            try:
+                with recording(model, prefix, seen, stop=states_only):
+                    logits = _logits(model, inputs, keep)
+            except PrefixDone:
+                pass
+            for g, r in enumerate(group):
+                for s, o in zip(r.segments, r.offsets):
+                    prefix.keep(_key(s), seen[0][g, o:o + len(s.ids)])
+            if states_only:
+                continue
         else:
-            logits = model(**inputs).logits[:, keep]
+            logits = _logits(model, inputs, keep)
         logp = F.log_softmax(logits.float(), dim=-1)
         best = logp.argmax(-1).tolist()
         col = {q: i for i, q in enumerate(keep)}
@@ -180,6 +221,35 @@ def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per
                 out[s.item] = _read_branches(s, lambda q, t, g=g: float(logp[g, col[q], t]),
                                              lambda q, g=g: best[g][col[q]], o)
     return out
+
+
+def _logits(model, inputs: dict, keep: list[int]) -> torch.Tensor:
+    if _keeps_logits(model):
+        return model(**inputs, logits_to_keep=torch.tensor(keep, device=inputs["input_ids"].device)).logits
+    return model(**inputs).logits[:, keep]
+
+
+def _replayed_logits(model, inputs: dict, keep: list[int], group: list[_Row], prefix: PrefixStates) -> torch.Tensor:
+    """Logits of a group of rows whose segments' states are kept, from block ``prefix.layer`` on;
+    the first replay of ``prefix`` is compared with the full forward (then dropped if it differs)."""
+    B, width = inputs["input_ids"].shape
+    first = next(iter(prefix.states.values()))
+    hidden = torch.zeros((B, width, first.shape[-1]), dtype=first.dtype, device=first.device)
+    for g, r in enumerate(group):
+        for s, o in zip(r.segments, r.offsets):
+            hidden[g, o:o + len(s.ids)] = prefix.states[_key(s)]
+    with replaying(model, prefix, hidden):
+        logits = _logits(model, inputs, keep)
+    if prefix.verified is None:
+        full = _logits(model, inputs, keep)
+        prefix.verified = BlockSuffix.reproduces(logits, full)
+        if not prefix.verified:
+            logger.warning("scoring from block %d does not reproduce the model's logits; scoring with the whole "
+                           "model instead", prefix.layer)
+            prefix.clear()
+            return full
+    prefix.replayed += sum(len(r.segments) for r in group)
+    return logits
 
 
 @torch.no_grad()
@@ -239,30 +309,53 @@ def _score_seq2seq(model, segments: list[_Segment], batch_size: int, pad: int) -
 
 
 def score_branches(model, tokenizer, items: Sequence[Item], *, max_row_tokens: int = 512,
-                   rows_per_batch: int = 4, batch_size: int = 32, packed: bool | None = None) -> list[list[BranchScore]]:
+                   rows_per_batch: int = 4, batch_size: int = 32, packed: bool | None = None,
+                   prefix: PrefixStates | None = None, record: bool = False) -> list[list[BranchScore]]:
     """Teacher-forced scores of every branch of every ``(prompt, branches)`` item, in input order.
 
     ``packed=None`` packs unless a router edit is active; ``True``/``False`` force a path (tests
     check that both give the same numbers). Encoder-decoder models always take their own path
     (the branches as decoder labels) and ignore ``packed`` and ``max_row_tokens``.
+
+    ``prefix`` (packed path only): with ``record=True`` the passes keep each item's hidden states
+    entering block ``prefix.layer``; without, items whose states are kept run from that block on
+    (:mod:`editpeft.evaluation.prefix`; the caller guarantees nothing below it has changed).
     """
     segments, where = [], []
     for i, (prompt, branches) in enumerate(items):
         prompt_ids = list(tokenizer(prompt)["input_ids"])
         if not prompt_ids:
             raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
-        unique = list(dict.fromkeys(tuple(int(t) for t in b) for b in branches))   # score repeats once
-        where.append([unique.index(tuple(int(t) for t in b)) for b in branches])
-        segments.append(_segment(i, prompt_ids, [list(b) for b in unique]))
+        unique = _unique(branches)                                                  # score repeats once
+        where.append([unique.index([int(t) for t in b]) for b in branches])
+        segments.append(_segment(i, prompt_ids, unique))
     pad = pad_id(tokenizer)
     if getattr(model.config, "is_encoder_decoder", False):
         by_item = _score_seq2seq(model, segments, batch_size, pad)
         return [[by_item[i][k] for k in where[i]] for i in range(len(items))]
     if packed is None:
         packed = not _has_router(model)
-    by_item = (_score_packed(model, segments, max_row_tokens, rows_per_batch, pad) if packed
+    by_item = (_score_packed(model, segments, max_row_tokens, rows_per_batch, pad, prefix, record) if packed
                else _score_padded(model, segments, batch_size, pad))
     return [[by_item[i][k] for k in where[i]] for i in range(len(items))]
+
+
+def record_states(model, tokenizer, items: Sequence[Item], prefix: PrefixStates, *, max_row_tokens: int = 512,
+                  rows_per_batch: int = 4, **_: object) -> None:
+    """Keep in ``prefix`` the hidden states entering its block for every ``(prompt, branches)`` item
+    not kept yet, running only the blocks below it (the items can then be scored from there)."""
+    if not prefix.usable or prefix.full or getattr(model.config, "is_encoder_decoder", False):
+        return
+    segments = [_segment(i, list(tokenizer(p)["input_ids"]), _unique(branches)) for i, (p, branches) in enumerate(items)]
+    missing = list({_key(s): s for s in segments if _key(s) not in prefix.states}.values())
+    if missing:
+        _run_rows(model, missing, max_row_tokens, rows_per_batch, pad_id(tokenizer), prefix, replay=False,
+                  states_only=True)
+
+
+def _unique(branches: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The distinct branches in first-seen order (a repeated answer is scored once)."""
+    return [list(b) for b in dict.fromkeys(tuple(int(t) for t in b) for b in branches)]
 
 
 def greedy_continuations(model, tokenizer, prompts: Sequence[str], length: int,
