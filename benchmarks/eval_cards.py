@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import re
 import sys
 from pathlib import Path
@@ -114,8 +115,12 @@ def main() -> None:
     ap.add_argument("--editor", action="append", default=[], metavar="METHOD=PATH",
                     help="the trained editor (folder or Hub repo id) of a method that edits with one, e.g. "
                          "ike=editors/ike (repeatable)")
+    ap.add_argument("--config", action="append", default=[], metavar="METHOD=JSON",
+                    help="override some of a method's card hyper-parameters, e.g. 'melo={\"replay\": false}'; "
+                         "runs go to <setting>-<method>-<override>/ and the card's result records the override")
     args = ap.parse_args()
     editors = dict(e.split("=", 1) for e in args.editor)
+    overrides = {m: json.loads(c) for m, c in (x.split("=", 1) for x in args.config)}
     model, tok = editable_default_model()
     methods = args.methods or sorted(editpeft.list_methods())
     out = Path(args.out)
@@ -126,13 +131,18 @@ def main() -> None:
         folder = out / name
         if args.n is not None:
             s["n"], folder = args.n, out / f"{name}-n{args.n}"
+        if overrides:
+            label = "-".join(f"{m}-{json.dumps(c, sort_keys=True)}" for m, c in sorted(overrides.items()))
+            folder = folder.with_name(f"{folder.name}-{re.sub(r'[^A-Za-z0-9.]+', '-', label).strip('-')}")
         folders.append(folder)
         data = s.pop("data")
         if s.pop("first_probes", False):
             data = first_probes(load_cases(data))
-        summaries = evaluate(model, tok, methods, data, out=folder, editors=editors, **s)
+        config = {m: overrides[m] for m in overrides if m in methods}    # dicts start from the card
+        summaries = evaluate(model, tok, methods, data, out=folder, editors=editors, config=config or None, **s)
         for method, summary in summaries.items():
-            results[method][name] = _compact(summary)
+            results[method][name] = {**_compact(summary), **({"config_override": overrides[method]}
+                                                              if method in overrides else {})}
     write_report(folders, out)
     print((out / "report.md").read_text())
     if args.no_write:

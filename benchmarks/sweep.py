@@ -4,9 +4,11 @@
     python benchmarks/sweep.py --method memit --mode batch --n 47 \\
         --grid '[{"layers": [2, 3, 4], "mom2_update_weight": 1000}, {"layers": [3, 4, 5, 6]}]'
     python benchmarks/sweep.py --method wise --data zsre --mode sequential --n 20 --grid '[{"lr": 0.01}]'
+    python benchmarks/sweep.py --method ultraedit --data counterfact-edit --mode sequential --n 500 \\
+        --batch-size 100 --grid '[{"lr": 0.001}]'
 
 Prints one row per setting: reliability / generalization / locality (token_em) and median
-seconds per edit (sequential mode: one edit after another, every edit scored after the last). Each run is kept (and resumed) under runs/sweep/<method>-<setting>/.
+seconds per edit (sequential mode: turns of --batch-size edits, every edit scored after the last). Each run is kept (and resumed) under runs/sweep/<method>-<setting>/.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from editpeft.evaluation import evaluate
 #: Sweep data: CounterFact's known facts, its first cases whether known or not (the cf-batch100 setting of
 #: eval_cards.py), or zsRE test records (facts the model need not know).
 DATASETS = {"counterfact": (COUNTERFACT, True), "counterfact-all": (COUNTERFACT, False),
-            "zsre": (DATA / "zsre" / "knowedit_zsre_test_all.json", False)}
+            "zsre": (DATA / "zsre" / "knowedit_zsre_test_all.json", False),
+            "counterfact-edit": (DATA / "counterfact" / "easyedit_counterfact_edit.json", False)}
 
 
 def main() -> None:
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--method", default="rome")
     ap.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
     ap.add_argument("--data", default="counterfact", choices=list(DATASETS))
+    ap.add_argument("--batch-size", type=int, default=1, help="sequential mode: edits per turn")
     ap.add_argument("--out", default="runs/sweep")
     args = ap.parse_args()
     settings = [{"layer": layer} for layer in args.layers] + json.loads(args.grid)
@@ -45,7 +49,7 @@ def main() -> None:
         config = {**json.loads(args.config), **setting}
         label = re.sub(r"[^A-Za-z0-9]+", "-", json.dumps(setting, sort_keys=True)).strip("-")
         data, known_only = DATASETS[args.data]
-        batch = {"batch_size": 1, "checkpoints": [args.n]} if args.mode == "sequential" else {"batch_size": args.n}
+        batch = {"batch_size": args.batch_size, "checkpoints": [args.n]} if args.mode == "sequential" else {"batch_size": args.n}
         s = evaluate(model, tok, args.method, data, n=args.n, known_only=known_only, config=config, mode=args.mode,
                      out=f"{args.out}/{args.method}-{args.data}-{args.mode}-{label}", **batch)[args.method]
         m = s["metrics"]
