@@ -2,10 +2,12 @@
 
     python benchmarks/plot_sequential.py runs/cards/cf-seq100 --card alphaedit \\
         --out ../docs/results/sequential_cf100_batches10.png
+    python benchmarks/plot_sequential.py runs/cards/zsre-seq1000 --card grace:zsre-sequential --log-x \\
+        --out ../docs/results/lifelong_zsre1000.png
 
 Curves come from the harness's run folders (``<folder>/<method>/`` of ``eval_cards.py``
 sequential settings); ``--card M`` adds the points of M's card — the ``results.<setting>.curve``
-that ``eval_cards.py`` writes for a sequential setting when ``--setting`` names one, else the
+that ``eval_cards.py`` writes for a sequential setting when ``--setting`` (or ``--card M:SETTING``) names one, else the
 ``sequential:`` block (``{metric: [score at each checkpoint]}`` with the checkpoints named by
 ``checkpoints``) — drawn dashed since they come from another run. Prints the table it plots.
 """
@@ -50,15 +52,18 @@ def card_points(method: str, model_type: str, setting: str | None = None) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folders", nargs="*", type=Path)
-    ap.add_argument("--card", nargs="*", default=[], help="methods whose card's sequential points are added")
+    ap.add_argument("--card", nargs="*", default=[],
+                    help="methods whose card's sequential points are added; METHOD:SETTING reads that setting's curve")
     ap.add_argument("--model-type", default="llama")
     ap.add_argument("--setting", help="read card curves from results.<setting> (e.g. zsre-seq1000) where present")
+    ap.add_argument("--log-x", action="store_true", help="logarithmic edit axis (checkpoints such as 1/10/100/1000)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     curves = {}
     for folder in args.folders:
         curves.update(run_curves(folder))
-    dashed = {f"{m} (card)": card_points(m, args.model_type, args.setting) for m in args.card}
+    named = [(c.split(":", 1) + [args.setting])[:2] for c in args.card]
+    dashed = {f"{m} (card{', ' + st if st else ''})": card_points(m, args.model_type, st) for m, st in named}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
     for ax, metric in zip(axes, METRICS):
         for label, points in [*curves.items(), *dashed.items()]:
@@ -66,6 +71,8 @@ def main() -> None:
             ax.plot(xs, [s[metric] for n, s in points if metric in s], marker="o", label=label,
                     linestyle="--" if label in dashed else "-")
         ax.set_xlabel("edits so far")
+        if args.log_x:
+            ax.set_xscale("log")
         ax.set_title(f"{metric} (token_em)")
         ax.set_ylim(0, 1.05)
     axes[0].legend(fontsize="small")
