@@ -62,27 +62,16 @@ def test_replayed_scores_equal_the_whole_model(tiny_tokenizer, family):
     assert _flat(again) == _flat(got)
 
 
-def test_items_without_kept_states_run_the_whole_model(tiny_tokenizer):
+@pytest.mark.parametrize("recorded, bound", [(1, None), (3, 1)], ids=["one item kept", "bound after the first"])
+def test_items_without_kept_states_run_the_whole_model(tiny_tokenizer, recorded, bound):
+    """Items never kept, or not kept because the bound was reached (a 1-byte bound: the first segment
+    already passes it), run the whole model beside the replayed ones."""
     tok = tiny_tokenizer
     model = make_tiny_model("llama", tok).double()
     items = _items(tok)
-    states = PrefixStates(layer=1)
-    score_branches(model, tok, items[:1], prefix=states, record=True)
-    _edit_block(model, 1)
-    want = score_branches(model, tok, items)
-    got = score_branches(model, tok, items, prefix=states)
-    assert states.replayed == 1
-    for (lp_got, arg_got), (lp_want, arg_want) in zip(_flat(got), _flat(want)):
-        assert lp_got == pytest.approx(lp_want, rel=0, abs=1e-9) and arg_got == arg_want
-
-
-def test_past_the_bound_nothing_more_is_kept_and_the_rest_runs_whole(tiny_tokenizer):
-    tok = tiny_tokenizer
-    model = make_tiny_model("llama", tok).double()
-    items = _items(tok)
-    states = PrefixStates(layer=1, max_bytes=1)          # the first segment already passes the bound
-    score_branches(model, tok, items, prefix=states, record=True)
-    assert len(states.states) == 1 and states.full
+    states = PrefixStates(layer=1, **({"max_bytes": bound} if bound else {}))
+    score_branches(model, tok, items[:recorded], prefix=states, record=True)
+    assert len(states.states) == 1 and states.full == bool(bound)
     _edit_block(model, 1)
     want = score_branches(model, tok, items)
     got = score_branches(model, tok, items, prefix=states)
