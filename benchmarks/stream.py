@@ -11,7 +11,8 @@ folder and its adapters at the last checkpoint). Shardable: ``--shard i/k`` (or 
 which sets the rank) makes this process apply the whole stream and score every k-th sampled case;
 ``python stream.py --report-only ...`` then merges the shards' folders into the table and plot.
 Each row of the printed table is one checkpoint: edits so far, cases scored, token_em reliability /
-generalization / locality, cumulative edit seconds, adapter bytes, peak resident memory (MiB).
+generalization / locality, cumulative edit seconds, adapter bytes, peak resident memory (MiB) and
+the part of it the harness holds as the probes' kept states (scoring from the first edited block).
 """
 from __future__ import annotations
 
@@ -36,15 +37,16 @@ def checkpoints(n: int, every: int, batch_size: int) -> list[int]:
 
 def print_curves(summaries: dict) -> None:
     print("| run | edits | scored | " + " | ".join(f"{m} (token_em)" for m in METRICS)
-          + " | edit s (total) | s/edit | adapter bytes | bytes/edit | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          + " | edit s (total) | s/edit | adapter bytes | bytes/edit | peak MiB | of which kept states MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, s in summaries.items():
         for p in s.get("curve") or []:
             cells = [f"{p['metrics'].get(m, {}).get('token_em', {}).get('mean', float('nan')):.3f}" for m in METRICS]
             total = p.get("edit_seconds_total", float("nan"))
             print(f"| {label} | {p['edits']} | {p.get('scored', p['edits'])} | " + " | ".join(cells)
                   + f" | {total:.1f} | {total / p['edits']:.3f} | {p['adapter_bytes']:,} | "
-                  f"{p['adapter_bytes'] / p['edits']:,.0f} | {p['peak_memory_mb']:,.0f} |")
+                  f"{p['adapter_bytes'] / p['edits']:,.0f} | {p['peak_memory_mb']:,.0f} | "
+                  f"{p.get('kept_states_mb', 0):,.0f} |")
     for label, s in summaries.items():
         final = s.get("metrics") or {}
         line = ", ".join(f"{m} " + "/".join(f"{final[m][p]['mean']:.3f}" for p in ("token_em", "prob_margin", "gen_em")

@@ -67,7 +67,8 @@ def summarize(lines: Iterable[dict[str, Any]], settings: dict[str, Any] | None =
             curve.append({"edits": k, "scored": sum(1 for ln in at_k if ln.get("scores")), "metrics": _means(at_k),
                           "edit_seconds_total": round(elapsed, 3),
                           "adapter_bytes": max(ln.get("adapter_bytes", 0) for ln in at_k),
-                          "peak_memory_mb": max(ln.get("peak_memory_mb", 0.0) for ln in at_k)})
+                          "peak_memory_mb": max(ln.get("peak_memory_mb", 0.0) for ln in at_k),
+                          "kept_states_mb": max(ln.get("kept_states_mb", 0.0) for ln in at_k)})
         out["curve"] = curve
         out["metrics"] = curve[-1]["metrics"] if curve else {}
         out["counts"]["scored"] = complete[-1] if complete else 0

@@ -316,6 +316,8 @@ class Runner:
             lines.append({"case_id": f"<checkpoint {n_done}>", "checkpoint": n_done, "scores": None})
         if shard == 0:                       # the stream's edit time is counted once over the shards
             lines[-1]["edit_seconds_since_last_checkpoint"] = edit_seconds
+        if self.scorer.prefix is not None:   # harness memory inside the peak: the probes' kept states
+            lines[-1]["kept_states_mb"] = round(self.scorer.prefix.nbytes() / 2**20, 1)
         lines[-1]["checkpoint_complete"] = True
         self.dir.append(lines)
 
