@@ -9,7 +9,7 @@ import torch
 from editpeft.arch import get_arch
 from editpeft.evaluation import evaluate
 from editpeft.evaluation.prefix import PrefixStates, attached_floor, prefix_layer
-from editpeft.evaluation.scoring import score_branches
+from editpeft.evaluation.scoring import record_states, score_branches
 from editpeft.tokens import target_token_ids
 
 from conftest import FAMILIES, make_tiny_model, toy_eval_cases
@@ -78,6 +78,31 @@ def test_items_without_kept_states_run_the_whole_model(tiny_tokenizer, recorded,
     assert states.replayed == 1
     for (lp_got, arg_got), (lp_want, arg_want) in zip(_flat(got), _flat(want)):
         assert lp_got == pytest.approx(lp_want, rel=0, abs=1e-9) and arg_got == arg_want
+
+
+def test_record_states_runs_only_the_blocks_below_and_keeps_no_graph(tiny_tokenizer):
+    """``record_states`` keeps states equal to a full recording pass's, built without autograd (a
+    graph through the blocks below would hold their activations), and never reaches the kept block."""
+    tok = tiny_tokenizer
+    model = make_tiny_model("llama", tok).double()
+    items = _items(tok)
+    full = PrefixStates(layer=1)
+    score_branches(model, tok, items, prefix=full, record=True)
+    states = PrefixStates(layer=1)
+    block0, block1 = list(get_arch(model).layers())[:2]
+    grad_seen = []
+    hooks = [block1.register_forward_hook(lambda *a: pytest.fail("block 1 ran while recording its input")),
+             block0.register_forward_pre_hook(lambda *a: grad_seen.append(torch.is_grad_enabled()))]
+    try:
+        with torch.enable_grad():
+            record_states(model, tok, items, states)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert grad_seen and not any(grad_seen)
+    assert states.states.keys() == full.states.keys()
+    for key, kept in states.states.items():
+        torch.testing.assert_close(kept, full.states[key], rtol=0, atol=1e-12)   # float64, same rows
 
 
 def test_a_change_below_the_kept_block_is_caught_by_the_check(tiny_tokenizer):

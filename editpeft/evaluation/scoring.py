@@ -158,7 +158,6 @@ def _key(seg: _Segment) -> tuple:
     return tuple(seg.ids), seg.prompt_len, tuple(seg.branches)
 
 
-@torch.no_grad()
 def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per_batch: int, pad: int,
                   prefix: PrefixStates | None = None, record: bool = False) -> dict[int, list[BranchScore]]:
     """Packed rows through the model. With ``prefix``: ``record`` keeps each segment's hidden state
@@ -175,6 +174,7 @@ def _score_packed(model, segments: list[_Segment], max_row_tokens: int, rows_per
     return out
 
 
+@torch.no_grad()
 def _run_rows(model, segments: list[_Segment], max_row_tokens: int, rows_per_batch: int, pad: int,
               prefix: PrefixStates | None, replay: bool, states_only: bool = False) -> dict[int, list[BranchScore]]:
     """Scores of packed rows of ``segments``; with ``prefix``, ``replay`` runs them from its block
