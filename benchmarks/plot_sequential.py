@@ -38,12 +38,19 @@ def run_curves(folder: Path) -> dict[str, list[tuple[int, dict[str, float]]]]:
 
 def card_points(method: str, model_type: str, setting: str | None = None) -> list[tuple[int, dict[str, float]]]:
     """Points from M's card: the curve of ``results.<setting>`` (what ``eval_cards.py`` writes for a
-    sequential setting) when given and present, else the hand-written ``sequential:`` block."""
+    sequential setting; its final point alone for results written before curves were kept) when a
+    setting is named, else the hand-written ``sequential:`` block."""
     card = yaml.safe_load(Path(card_path(method, model_type)).read_text()) or {}
-    curve = ((card.get("results") or {}).get(setting) or {}).get("curve") if setting else None
-    if curve:
-        return [(n, {m: curve[f"{m}_token_em"][i] for m in METRICS if f"{m}_token_em" in curve})
-                for i, n in enumerate(curve["edits"])]
+    if setting:
+        result = (card.get("results") or {}).get(setting)
+        if not result:
+            raise SystemExit(f"{method}'s card has no results.{setting}")
+        curve = result.get("curve")
+        if curve:
+            return [(n, {m: curve[f"{m}_token_em"][i] for m in METRICS if f"{m}_token_em" in curve})
+                    for i, n in enumerate(curve["edits"])]
+        # a result written before curves were kept: its final point only
+        return [(result["cases"], {m: result[f"{m}_token_em"] for m in METRICS if f"{m}_token_em" in result})]
     block = card.get("sequential") or {}
     scores, checkpoints = block.get(method) or {}, block.get("checkpoints") or []
     return [(n, {m: scores[m][i] for m in METRICS if m in scores}) for i, n in enumerate(checkpoints)]
