@@ -10,15 +10,16 @@ segment — after every checkpoint of a sequential run, too — only blocks ``L`
     logits(segment) = head(blocks[L:](h_L(segment)))         h_L cached, blocks[L:] edited
 
 The states are kept in memory for the run (bounded by ``max_bytes``; past it, new probes run the
-whole model). A segment's states depend only on its own tokens (the packed rows' masks keep segments apart and
-give each its own positions), so states recorded in one packing replay in any other. Below ``L``
-the blocks are skipped, not run: each is called as the identity, and block ``L`` receives the
-cached states, so masks, rotary tables and every other argument come from the model's own forward.
+whole model). A segment's states depend only on its own tokens (the packed rows' masks keep
+segments apart and give each its own positions), so states recorded in one packing replay in any
+other. Below ``L`` the blocks are skipped, not run: each is called as the identity, and block ``L``
+receives the cached states, so masks, rotary tables and every other argument come from the model's
+own forward.
 
 What makes it exact is checked, not assumed: the first replay of a :class:`PrefixStates` is
 compared with the full forward of the same rows (:meth:`editpeft.suffix.BlockSuffix.reproduces`:
-to ``REPLAY_RTOL`` of the logits' scale; the two differ only in how float32 matmuls are blocked); if it differs, the states
-are dropped and every pass runs the whole model. Routers (IKE, SERAC rewrite the input), edits
+to ``REPLAY_RTOL`` of the logits' scale; the two differ only in how float32 matmuls are blocked);
+if it differs, the states are dropped and every pass runs the whole model. Routers (IKE, SERAC rewrite the input), edits
 outside the blocks (embeddings, head) and methods that cannot name their targets before editing
 get no prefix (:func:`prefix_layer` returns None).
 
