@@ -87,7 +87,7 @@ class PrefixStates:
         self._bytes = 0
 
 
-def edited_layers(model, targets: Iterable[str] | None) -> int | None:
+def lowest_edited_block(model, targets: Iterable[str] | None) -> int | None:
     """The lowest block any of ``targets`` lies in; None when unknown or when one lies outside
     every block (an embedding or the head: the states below would change or the head differs)."""
     if targets is None:
@@ -109,7 +109,7 @@ def attached_floor(model) -> int | None:
     for adapter in edits.values():
         if adapter.kind == "router":
             return None
-        layer = edited_layers(model, adapter.targets)
+        layer = lowest_edited_block(model, adapter.targets)
         if layer is None:
             return None
         floor = min(floor, layer)
@@ -120,7 +120,7 @@ def prefix_layer(model, method_targets: Iterable[str] | None) -> int | None:
     """The block a harness run of a method writing to ``method_targets`` can score from: the
     lowest block written by it or by any edit already attached; None when there is nothing to gain
     (block 0) or it cannot be known."""
-    own = edited_layers(model, method_targets)
+    own = lowest_edited_block(model, method_targets)
     floor = attached_floor(model)
     if own is None or floor is None:
         return None
