@@ -120,6 +120,27 @@ def test_a_change_below_the_kept_block_is_caught_by_the_check(tiny_tokenizer):
     assert _flat(got) == _flat(want)
 
 
+def test_rows_of_different_lengths_pass_the_check(tiny_tokenizer):
+    """One segment per row, rows of different lengths in one batch: the longer row reads columns that
+    are padding in the shorter one, where the replay holds zeros and the whole model the pad token's
+    own states. The check compares only what each row reads, so an exact replay is kept (it once
+    compared the padding columns too and fell back to the whole model on real runs)."""
+    tok = tiny_tokenizer
+    model = make_tiny_model("llama", tok).double()
+    with torch.no_grad():   # a trained pad embedding (the tiny config's padding_idx row is zero)
+        model.get_input_embeddings().weight[tok.pad_token_id].normal_(generator=torch.Generator().manual_seed(0))
+    items = _items(tok)
+    states = PrefixStates(layer=1)
+    score_branches(model, tok, items, prefix=states, record=True, max_row_tokens=1)
+    _edit_block(model, 1)
+    want = score_branches(model, tok, items, max_row_tokens=1)
+    got = score_branches(model, tok, items, prefix=states, max_row_tokens=1)
+    assert states.verified is True and states.replayed == len(items)
+    for (lp_got, arg_got), (lp_want, arg_want) in zip(_flat(got), _flat(want)):
+        assert lp_got == pytest.approx(lp_want, rel=0, abs=1e-9)   # float64: matmul blocking only
+        assert arg_got == arg_want
+
+
 GRACE = {"layer": 1, "eps_init": 1.0, "steps": 100}
 SUBJECTS = ["Eiffel Tower", "Colosseum", "gold", "silver"]
 TARGETS = ["Rome", "Paris", "Berlin", "Tokyo"]

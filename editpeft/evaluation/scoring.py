@@ -242,7 +242,12 @@ def _replayed_logits(model, inputs: dict, keep: list[int], group: list[_Row], pr
         logits = _logits(model, inputs, keep)
     if prefix.verified is None:
         full = _logits(model, inputs, keep)
-        prefix.verified = BlockSuffix.reproduces(logits, full)
+        # only the logits a row reads are compared: a shorter row's padding columns (read by a longer
+        # row) carry zeros in the replay and the pad token's own states in the full pass
+        col = {q: i for i, q in enumerate(keep)}
+        rows = torch.tensor([g for g, r in enumerate(group) for q in r.read])
+        cols = torch.tensor([col[q] for r in group for q in r.read])
+        prefix.verified = BlockSuffix.reproduces(logits[rows, cols], full[rows, cols])
         if not prefix.verified:
             logger.warning("scoring from block %d does not reproduce the model's logits; scoring with the whole "
                            "model instead", prefix.layer)
