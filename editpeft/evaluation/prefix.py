@@ -16,11 +16,12 @@ other. Below ``L`` the blocks are skipped, not run: each is called as the identi
 receives the cached states, so masks, rotary tables and every other argument come from the model's
 own forward.
 
-What makes it exact is checked, not assumed: the first replay of a :class:`PrefixStates` is
-compared with the full forward of the same rows at the positions they read (:meth:`editpeft.suffix.BlockSuffix.reproduces`:
-to ``REPLAY_RTOL`` of the logits' scale; the two differ only in how float32 matmuls are blocked);
-if it differs, the states are dropped and every pass runs the whole model. Routers (IKE, SERAC rewrite the input), edits
-outside the blocks (embeddings, head) and methods that cannot name their targets before editing
+What makes it exact is checked, not assumed: the first replay of a :class:`PrefixStates` is compared
+with the full forward of the same rows at the positions they read
+(:meth:`editpeft.suffix.BlockSuffix.reproduces`: to ``REPLAY_RTOL`` of the logits' scale; the two
+differ only in how float32 matmuls are blocked); if it differs, the states are dropped and every
+pass runs the whole model. Routers (IKE, SERAC rewrite the input), edits outside the blocks
+(embeddings, head) and methods that cannot name their targets before editing
 get no prefix (:func:`prefix_layer` returns None).
 
 Example:
