@@ -138,3 +138,35 @@ class DenseDelta:
 
 
 DELTA_TYPES: dict[str, type] = {"low_rank": LowRankDelta, "dense": DenseDelta}
+
+
+def matrix(delta: WeightChange) -> torch.Tensor:
+    """The change as one (out × in) matrix in float64, independent of any module's layout."""
+    if isinstance(delta, LowRankDelta):
+        return delta.up.double() @ delta.down.double().T
+    return delta.weight.double()
+
+
+def add_changes(first: WeightChange, second: WeightChange) -> WeightChange:
+    """``first + second`` in the smaller exact form: factors of rank r1 + r2 while they hold fewer
+    numbers than the dense matrix, else one :class:`DenseDelta` (summed in float64, stored in
+    ``first``'s dtype). A stream of appended low-rank turns therefore never outgrows the module:
+    its size and the cost of applying it stop growing at rank out·in / (out + in).
+
+    >>> a, b = LowRankDelta(torch.ones(30, 8), torch.ones(40, 8)), LowRankDelta(torch.ones(30, 1), torch.ones(40, 1))
+    >>> type(add_changes(a, b)).__name__, add_changes(a, b).rank        # 9 x (30 + 40) <= 30 x 40 numbers
+    ('LowRankDelta', 9)
+    >>> type(add_changes(add_changes(a, b), a)).__name__                  # 17 x 70 < 1200 < 18 x 70
+    'LowRankDelta'
+    >>> type(add_changes(add_changes(a, b), add_changes(a, b))).__name__   # 18 x 70 > 1200
+    'DenseDelta'
+    """
+    if first.shape() != second.shape():
+        raise ValueError(f"cannot add weight changes of shapes {first.shape()} and {second.shape()}")
+    out_f, in_f = first.shape()
+    if isinstance(first, LowRankDelta) and isinstance(second, LowRankDelta) \
+            and (first.rank + second.rank) * (out_f + in_f) <= out_f * in_f:
+        return LowRankDelta(torch.cat([first.up, second.up.to(first.up)], 1),
+                            torch.cat([first.down, second.down.to(first.down)], 1))
+    dtype = first.up.dtype if isinstance(first, LowRankDelta) else first.weight.dtype
+    return DenseDelta((matrix(first) + matrix(second)).to(dtype).contiguous())

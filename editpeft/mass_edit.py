@@ -12,7 +12,8 @@ solve left open:
    factor pair up = R^l, down), so ΔW^l K^l ≈ R^l is what every rule aims at.
 
 :class:`AppendByStacking` gives a method of this family ``extend`` (sequential editing): the new
-requests are computed on the model carrying the existing adapter, and the factors are joined.
+requests are computed on the model carrying the existing adapter, and the factors are joined (one
+dense change per module once the factors would outnumber the weight matrix: :func:`~editpeft.deltas.add_changes`).
 
 Example:
     >>> deltas, keys = spread_over_layers(model, tok, requests, [2, 3, 4], config,
@@ -23,13 +24,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from abc import abstractmethod
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .adapters import WeightDeltaAdapter
 from .arch import get_arch
 from .attach import LowRankDelta, temporary_deltas
+from .deltas import WeightChange, add_changes
 from .locate import (LocateEditConfig, context_templates, key_statistics, optimize_values, subject_activations,
                      subject_keys)
 from .method import EditMethod, check
@@ -95,14 +97,12 @@ def spread_over_layers(model, tokenizer, requests: Sequence[EditRequest], layers
     return deltas, keys_of
 
 
-def join_deltas(first: dict[str, LowRankDelta], second: dict[str, LowRankDelta]) -> dict[str, LowRankDelta]:
-    """The sum of two sets of low-rank deltas, as factors of rank r1 + r2 per module."""
+def join_deltas(first: Mapping[str, WeightChange], second: Mapping[str, WeightChange]) -> dict[str, WeightChange]:
+    """The sum of two sets of deltas, per module :func:`~editpeft.deltas.add_changes`: factors of rank
+    r1 + r2, or one dense change once that is smaller."""
     out = dict(first)
     for name, d in second.items():
-        if name in out:
-            out[name] = LowRankDelta(torch.cat([out[name].up, d.up], 1), torch.cat([out[name].down, d.down], 1))
-        else:
-            out[name] = d
+        out[name] = add_changes(out[name], d) if name in out else d
     return out
 
 

@@ -78,6 +78,30 @@ def test_dense_delta_hook_merge_save_load(tiny, tmp_path):
     assert torch.equal(logits_of(model, tok, PROMPTS), hooked)  # bitwise: reloaded tensors, the same hook
 
 
+def test_added_changes_stay_factors_until_dense_is_smaller():
+    """add_changes: exact sums either way (float64 products of float32 factors, stored as float32: the
+    only error is that final rounding, ~6e-8 of the values' scale); factors while r·(out+in) <= out·in."""
+    from editpeft.deltas import LowRankDelta, add_changes, matrix
+    g = torch.Generator().manual_seed(0)
+
+    def low(rank):
+        return LowRankDelta(torch.randn(30, rank, generator=g), torch.randn(40, rank, generator=g))
+    a, b = low(8), low(9)                                  # 17 x 70 = 1190 <= 1200 numbers
+    joined = add_changes(a, b)
+    assert isinstance(joined, LowRankDelta) and joined.rank == 17
+    want = matrix(a) + matrix(b)
+    torch.testing.assert_close(matrix(joined), want, rtol=0, atol=1e-12)      # the same factors, concatenated
+    dense = add_changes(joined, low(1))                    # 18 x 70 > 1200: one dense matrix
+    assert isinstance(dense, DenseDelta) and dense.weight.dtype == torch.float32
+    for first, second in ((dense, a), (a, dense)):
+        total = add_changes(first, second)
+        want = matrix(first) + matrix(second)
+        assert isinstance(total, DenseDelta)
+        torch.testing.assert_close(matrix(total), want, rtol=0, atol=float(want.abs().max()) * 2 ** -23)
+    with pytest.raises(ValueError, match="shapes"):
+        add_changes(a, LowRankDelta(torch.ones(40, 1), torch.ones(30, 1)))
+
+
 def test_dense_delta_saves_in_its_own_dtype(tiny, tmp_path):
     model, tok = tiny
     target, adapter = _dense(model)

@@ -133,6 +133,35 @@ def test_sequential_state_survives_save_load_continue(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_a_long_stream_folds_into_a_dense_delta_that_continues(tiny, tmp_path):
+    """Turns appended past rank out·in/(out+in) (21 for the tiny 64 → 32 down_proj) are held as one dense
+    change per module: the adapter stops growing, and save → load → append continues bitwise."""
+    from editpeft.deltas import DenseDelta
+    from editpeft.io import WEIGHTS_NAME
+    model, tok = tiny
+    snap = params_snapshot(model)
+    model.add_edit("ultraedit", [A, B, C, D], name="life", config=ULTRA)
+    for _ in range(4):                                   # 5 rows a turn: rank 25 after the fifth
+        adapter = model.add_edit("ultraedit", [A, B, C, D], name="life", append=True)
+    assert all(isinstance(d, DenseDelta) and d.shape() == (32, 64) for d in adapter.deltas.values())
+    adapter.save_pretrained(tmp_path / "life")
+    nbytes = (tmp_path / "life" / WEIGHTS_NAME).stat().st_size
+    grown = model.add_edit("ultraedit", [C, D], name="life", append=True)
+    grown.save_pretrained(tmp_path / "grown")
+    assert (tmp_path / "grown" / WEIGHTS_NAME).stat().st_size == nbytes   # no growth per turn
+    in_memory = logits_of(model, tok, PROMPTS)
+    model.remove_edit("life")
+    assert_untouched(model, snap)
+    model.load_edit(tmp_path / "life", name="life")
+    resumed = model.add_edit("ultraedit", [C, D], name="life", append=True)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, grown.state_dict()[k]), k
+    assert torch.equal(logits_of(model, tok, PROMPTS), in_memory)
+    model.remove_edit("life")
+    assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
 def test_corrupt_statistics_are_refused(tiny, tmp_path):
     """Malformed statistics in a well-formed file (its hash re-recorded) fail the adapter's own checks."""
     import hashlib

@@ -40,7 +40,7 @@ import torch
 import editpeft
 from editpeft import EditRequest
 from editpeft.adapters import CarriedStateDeltaAdapter
-from editpeft.attach import LowRankDelta
+from editpeft.attach import WeightChange
 from editpeft.errors import AdapterFormatError, EditOptimizationError
 from editpeft.mass_edit import LayerRangeConfig, join_deltas, layer_targets, spread_over_layers
 from editpeft.method import check
@@ -79,12 +79,12 @@ class NullSpaceAdapter(CarriedStateDeltaAdapter):
         return {f"{target}.keys": value.detach().contiguous()}
 
     @classmethod
-    def read_carried(cls, target: str, delta: LowRankDelta, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def read_carried(cls, target: str, delta: WeightChange, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         k = tensors.get(f"{target}.keys")
-        if k is None or k.ndim != 2 or k.shape[0] != delta.down.shape[0] or not k.is_floating_point() \
+        if k is None or k.ndim != 2 or k.shape[0] != delta.shape()[1] or not k.is_floating_point() \
                 or not torch.isfinite(k).all():
             raise AdapterFormatError(f"tensor {target + '.keys'!r} is missing or malformed (expected a finite "
-                                     f"{delta.down.shape[0]} x n float matrix)")
+                                     f"{delta.shape()[1]} x n float matrix)")
         return k
 
 

@@ -31,8 +31,11 @@ equation numbers differ between the arXiv versions). Paper defaults (reference
 **Sequential state.** The adapter keeps, per edited module, ``<module>.norm_count`` (N),
 ``<module>.norm_mean`` (μ) and ``<module>.norm_m2`` (s²) in float64; ``model.add_edit("ultraedit",
 batch, name=..., append=True)`` computes the next turn on the model carrying the adapter (as the
-reference edits its model in place), continues the statistics and joins the factors. A saved,
-loaded or Hub-downloaded adapter continues exactly where it stopped.
+reference edits its model in place), continues the statistics and joins the factors — once they would
+hold more numbers than the weight matrix (rank > out·in/(out+in), ~420 feature rows for SmolLM2's
+``down_proj``), as one dense change per module, so a long stream's adapter and its cost per token stop
+growing (:func:`editpeft.deltas.add_changes`). A saved, loaded or Hub-downloaded adapter continues
+exactly where it stopped.
 
 Deliberate differences from the reference code (see also ``cards/ultraedit/llama.yaml``):
 - one normaliser per edited module; the reference shares one per weight *shape* (a leftover of the
@@ -64,7 +67,7 @@ import editpeft
 from editpeft import EditRequest
 from editpeft.adapters import CarriedStateDeltaAdapter
 from editpeft.arch import linear_dims
-from editpeft.attach import LowRankDelta
+from editpeft.attach import LowRankDelta, WeightChange
 from editpeft.errors import AdapterFormatError, ConfigError, EditOptimizationError
 from editpeft.gradedit import edited_modules, gradient_factors, loss_token_mask, target_token_mask
 from editpeft.mass_edit import join_deltas
@@ -172,7 +175,7 @@ class LifelongNormAdapter(CarriedStateDeltaAdapter):
         return value.tensors(target)
 
     @classmethod
-    def read_carried(cls, target: str, delta: LowRankDelta, tensors: Mapping[str, torch.Tensor]) -> RunningStats:
+    def read_carried(cls, target: str, delta: WeightChange, tensors: Mapping[str, torch.Tensor]) -> RunningStats:
         dim = sum(delta.shape())
         count, mean, m2 = (tensors.get(f"{target}.norm_{k}") for k in ("count", "mean", "m2"))
         ok = (isinstance(count, torch.Tensor) and count.ndim == 0 and count.dtype == torch.float64
