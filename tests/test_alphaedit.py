@@ -93,6 +93,52 @@ def test_sequential_state_survives_save_load_continue(tiny, tmp_path):
     assert_untouched(model, snap)
 
 
+def test_earlier_keys_folded_into_a_gram_factor_give_the_same_update():
+    """Eq. 14 reads the earlier keys Kp only as Kp Kpᵀ: past in columns the adapter keeps a square F with
+    F Fᵀ = Kp Kpᵀ, and the update is the same. float64 keys (eigh and solve in float64, ~1e-15 of the
+    values' scale); the returned factor is float32, so they agree to its rounding."""
+    g = torch.Generator().manual_seed(0)
+    dim = 16
+    earlier = torch.randn(dim, 40, generator=g, dtype=torch.float64)
+    folded = editpeft_alphaedit.gram_factor(earlier)
+    assert folded.shape == (dim, dim)
+    assert torch.equal(editpeft_alphaedit.gram_factor(earlier[:, :dim]), earlier[:, :dim])   # not yet wider
+    torch.testing.assert_close(folded @ folded.T, earlier @ earlier.T, rtol=0,
+                               atol=float((earlier @ earlier.T).abs().max()) * 1e-12)
+    keys = torch.randn(5, dim, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    proj = q[:, :10] @ q[:, :10].T                         # a projector onto a 10-dim subspace
+    want = editpeft_alphaedit.null_space_direction(proj, keys, earlier, l2=1.0)
+    got = editpeft_alphaedit.null_space_direction(proj, keys, folded, l2=1.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2 ** -22)
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_a_long_sequence_keeps_square_state(tiny, tmp_path):
+    """Appends past the key width (64 for the tiny down_proj) keep keys at 64 × 64 and the deltas as
+    one dense change per module; the sequence continues after save → load."""
+    from editpeft.deltas import DenseDelta
+    model, tok = tiny
+    snap = params_snapshot(model)
+    cities = ["Rome", "Paris", "Berlin", "Madrid", "London", "Tokyo"]
+    batch = [EditRequest(prompt="A fact about the {}", subject=f"city {i}", target_new=cities[i % 6])
+             for i in range(36)]
+    model.add_edit("alphaedit", batch[:18], name="life", config={**ALPHA, "v_steps": 5})
+    adapter = model.add_edit("alphaedit", batch, name="life", append=True)          # 54 keys
+    assert all(k.shape == (64, 54) for k in adapter.keys.values())
+    adapter = model.add_edit("alphaedit", batch[18:], name="life", append=True)    # 72 > 64
+    assert all(k.shape == (64, 64) for k in adapter.keys.values())
+    assert all(isinstance(d, DenseDelta) for d in adapter.deltas.values())
+    adapter.save_pretrained(tmp_path / "life")
+    model.remove_edit("life")
+    assert_untouched(model, snap)
+    model.load_edit(tmp_path / "life", name="life")
+    again = model.add_edit("alphaedit", batch[:4], name="life", append=True)
+    assert all(k.shape == (64, 64) for k in again.keys.values()) and len(again.requests) == 76
+    model.remove_edit("life")
+    assert_untouched(model, snap)
+
+
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
 def test_corrupt_keys_are_refused(tiny, tmp_path):
     from safetensors.torch import load_file, save_file

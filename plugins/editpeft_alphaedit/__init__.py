@@ -20,7 +20,10 @@ facts edited before:
    Δ = up downᵀ. ``down`` lies in the range of P, so the update leaves K0 untouched.
 3. **Sequential state**: the adapter keeps Kp (per layer, in × edits so far) as tensors
    ``<module>.keys``; ``model.add_edit("alphaedit", batch, name=..., append=True)`` on a saved,
-   loaded or Hub-downloaded adapter continues exactly where it stopped.
+   loaded or Hub-downloaded adapter continues exactly where it stopped. Eq. 14 reads Kp only through
+   Kp Kpᵀ, so once there are more earlier keys than the key width, ``keys`` holds a square factor F
+   of that Gram matrix instead (F Fᵀ = Kp Kpᵀ, :func:`gram_factor`): the state stops growing at
+   in × in per layer, and the deltas at one dense matrix (:func:`editpeft.deltas.add_changes`).
 
 With ``preserve=False`` the preserved set is empty: P = I and the update is MEMIT's Eq. 14 with the
 preserved-key covariance replaced by the ridge α I (plus the earlier batches' keys).
@@ -123,7 +126,7 @@ class AlphaEdit(editpeft.EditMethod):
             return NullSpaceAdapter(deltas, keys, method=self.name, hparams=config.to_dict(), requests=list(requests))
         joined_keys = dict(prior.keys)
         for t, k in keys.items():
-            joined_keys[t] = torch.cat([joined_keys[t], k], 1) if t in joined_keys else k
+            joined_keys[t] = gram_factor(torch.cat([joined_keys[t], k], 1)) if t in joined_keys else k
         return NullSpaceAdapter(join_deltas(prior.deltas, deltas), joined_keys, method=self.name,
                                 hparams=config.to_dict(), requests=prior.requests + list(requests))
 
@@ -147,6 +150,23 @@ def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
             "The model was left unchanged.")
     logger.info("null space: %d of %d dimensions", basis.shape[1], mom2.shape[0])
     return basis @ basis.T
+
+
+def gram_factor(keys: torch.Tensor) -> torch.Tensor:
+    """``keys`` (in × m) while m <= in; past that, the square F (in × in) with F Fᵀ = keys keysᵀ
+    (eigendecomposition in float64: F = U Λ^½), all Eq. 14 needs of earlier keys, in ``keys``' dtype.
+
+    >>> k = torch.randn(4, 9)
+    >>> f = gram_factor(k)
+    >>> f.shape, torch.allclose(f.double() @ f.double().T, k.double() @ k.double().T, atol=1e-5)
+    (torch.Size([4, 4]), True)
+    """
+    dim, count = keys.shape
+    if count <= dim:
+        return keys
+    k = keys.double()
+    eigvals, eigvecs = torch.linalg.eigh(k @ k.T)
+    return (eigvecs * eigvals.clamp_min(0).sqrt()).to(keys.dtype).contiguous()
 
 
 def null_space_direction(proj: torch.Tensor, keys: torch.Tensor, earlier: torch.Tensor | None, l2: float) -> torch.Tensor:
