@@ -148,7 +148,7 @@ def matrix(delta: WeightChange) -> torch.Tensor:
 
 
 def add_changes(first: WeightChange, second: WeightChange) -> WeightChange:
-    """``first + second`` in the smaller exact form: factors of rank r1 + r2 while they hold fewer
+    """``first + second`` in the smaller exact form: factors of rank r1 + r2 while they hold no more
     numbers than the dense matrix, else one :class:`DenseDelta` (summed in float64, stored in
     ``first``'s dtype). A stream of appended low-rank turns therefore never outgrows the module:
     its size and the cost of applying it stop growing at rank out·in / (out + in).
