@@ -38,7 +38,7 @@ from torch import nn
 
 from .adapters import WeightDeltaAdapter
 from .arch import get_arch, is_conv1d, linear_dims
-from .deltas import DenseDelta, LowRankDelta, WeightChange
+from .deltas import DenseDelta, LowRankDelta, WeightChange, matrix
 from .errors import ConfigError, EditError
 from .locate import context_templates
 from .method import EditMethod, MethodConfig, check
@@ -82,8 +82,7 @@ class DenseChange(TrainableChange):
     def resume(cls, delta: WeightChange, module: nn.Module) -> "DenseChange":
         """Continue from an existing delta of ``module`` (e.g. an attached FT edit)."""
         w = next(module.parameters())
-        weight = delta.weight if isinstance(delta, DenseDelta) else delta.up @ delta.down.T
-        return cls(weight.to(w.device, w.dtype).clone())
+        return cls(matrix(delta).to(w.device, w.dtype).contiguous())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight}
