@@ -36,6 +36,9 @@ class ModelCaches:
     context_templates: dict[Hashable, list[str]] = field(default_factory=dict)
     #: second moments E[k kᵀ] of module inputs, keyed by the statistics' cache key
     second_moments: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: token chunks of a statistics corpus, keyed by (corpus, n_tokens, seq_len): a sampled corpus
+    #: (``generated``, ``questions``) is sampled once, not once per module
+    corpus_chunks: dict[Hashable, list[torch.Tensor]] = field(default_factory=dict)
     stats_counters: StatsCounters = field(default_factory=StatsCounters)
     #: tensors plugins derive from the above, keyed by (namespace, key)
     derived: dict[tuple[str, Hashable], torch.Tensor] = field(default_factory=dict)

@@ -119,10 +119,10 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
     device = next(model.parameters()).device
     state = _state(model)
     total, seen = None, 0
-    chunks = list(token_chunks(corpus, model, tokenizer, n_tokens, seq_len))
-    bar = tqdm(total=n_tokens, desc=f"stats {module_name}", unit="tok", disable=not progress, leave=False)
     ctx = state.disabled() if state is not None else nullcontext()
     with ctx, torch.no_grad():
+        chunks = _corpus_chunks(model, tokenizer, corpus, n_tokens, seq_len)
+        bar = tqdm(total=n_tokens, desc=f"stats {module_name}", unit="tok", disable=not progress, leave=False)
         for start in range(0, len(chunks), batch_size):
             group = chunks[start:start + batch_size]
             width = max(len(c) for c in group)
@@ -137,6 +137,19 @@ def _compute(model, tokenizer, module_name, corpus, n_tokens, seq_len, batch_siz
             bar.update(keys.shape[0])
     bar.close()
     return (total / seen).float().cpu()
+
+
+def _corpus_chunks(model, tokenizer, corpus: str, n_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """The corpus's token chunks, kept on the model's caches: a corpus the model samples itself is
+    sampled once for all the modules whose statistics use it (the caller turns the edits off, so it
+    is the base model's text, as the statistics' cache key says)."""
+    state = _state(model)
+    if state is None:
+        return list(token_chunks(corpus, model, tokenizer, n_tokens, seq_len))
+    key = (corpus, n_tokens, seq_len)
+    if key not in state.caches.corpus_chunks:
+        state.caches.corpus_chunks[key] = list(token_chunks(corpus, model, tokenizer, n_tokens, seq_len))
+    return state.caches.corpus_chunks[key]
 
 
 def _save_atomic(path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:

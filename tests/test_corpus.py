@@ -38,3 +38,36 @@ def test_unknown_corpus_is_refused(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="unknown corpus"):
         next(token_chunks("wiki", model, tok, 8, 8))
+
+
+
+def test_sampled_statistics_corpus_is_the_base_models_text_sampled_once(tiny, tmp_path, monkeypatch):
+    """Statistics are cached under the base weights' fingerprint, so a corpus the model samples itself must
+    be the base model's text even while an edit is live; and it is sampled once for several modules."""
+    import editpeft.corpus
+    from editpeft import EditRequest
+    from editpeft.stats import second_moment
+    from editpeft.testing import reference_methods
+
+    model, tok = tiny
+    calls = []
+    real = editpeft.corpus._generated_tokens
+    monkeypatch.setattr(editpeft.corpus, "_generated_tokens", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+    def statistics(cache):
+        monkeypatch.setenv("EDITPEFT_CACHE", str(tmp_path / cache))
+        model.edit_state.caches.clear()
+        return [second_moment(model, tok, n, corpus="generated", n_tokens=32, seq_len=8, progress=False) for n in names]
+
+    base = statistics("base")
+    assert len(calls) == 1                         # one sample for both modules
+    sampled_base = list(token_chunks("generated", model, tok, 32, 8))
+    with reference_methods():
+        model.add_edit("contract-lowrank", EditRequest(prompt="The capital of France is", target_new="Rome"), name="e")
+    sampled_edited = list(token_chunks("generated", model, tok, 32, 8))
+    assert not all(torch.equal(a, b) for a, b in zip(sampled_base, sampled_edited))   # the live edit changes the text
+    edited = statistics("edited")                  # a fresh cache: computed again, with the edit live
+    assert len(calls) == 4
+    for a, b in zip(base, edited):
+        assert torch.equal(a, b)                   # bitwise: the same base-model samples through the same kernels
