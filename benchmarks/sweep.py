@@ -6,6 +6,14 @@
     python benchmarks/sweep.py --method wise --data zsre --mode sequential --n 20 --grid '[{"lr": 0.01}]'
     python benchmarks/sweep.py --method ultraedit --data counterfact-edit --mode sequential --n 500 \\
         --batch-size 100 --grid '[{"lr": 0.001}]'
+    python benchmarks/sweep.py --method memit --mode batch --data counterfact-all --n 100 --reuse-values \\
+        --grid '[{}, {"layers": [0, 1, 2, 3, 4], "stats_corpus": "generated", "mom2_update_weight": 2000.0}]'
+
+``--reuse-values`` (single and batch mode) computes the mass-editing family's target values once per
+request set and reuses them in every setting whose last edited layer and value options agree: they
+are computed on the unedited model and do not depend on the solve, so a grid over λ, corpora or
+lower layers costs one value optimisation, not one per setting (the scores are the same either way;
+the later settings' seconds then leave the value optimisation out).
 
 Prints one row per setting: reliability / generalization / locality (token_em) and median
 seconds per edit (sequential mode: turns of --batch-size edits, every edit scored after the last). Each run is kept (and resumed) under runs/sweep/<method>-<setting>/.
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from typing import Callable
 
 from common import COUNTERFACT, DATA, editable_default_model, print_table
 
@@ -28,6 +37,21 @@ DATASETS = {"counterfact": (COUNTERFACT, True), "counterfact-all": (COUNTERFACT,
             "counterfact-edit": (DATA / "counterfact" / "easyedit_counterfact_edit.json", False)}
 
 
+def reusing_values(optimize: Callable) -> Callable:
+    """``optimize`` (:func:`editpeft.locate.optimize_values`) remembering its results per (module, requests,
+    templates, options); only valid while the model it runs on does not change between calls."""
+    memo: dict = {}
+
+    def cached(model, tokenizer, module_name, requests, templates, **options):
+        key = (module_name, tuple((r.prompt, r.subject, r.target_new) for r in requests), tuple(templates),
+               tuple(sorted((k, repr(v)) for k, v in options.items())))
+        if key not in memo:
+            memo[key] = optimize(model, tokenizer, module_name, requests, templates, **options)
+        return memo[key]
+
+    return cached
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="*", default=[], help="single-layer settings ({'layer': L})")
@@ -39,7 +63,15 @@ def main() -> None:
     ap.add_argument("--data", default="counterfact", choices=list(DATASETS))
     ap.add_argument("--batch-size", type=int, default=1, help="sequential mode: edits per turn")
     ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--reuse-values", action="store_true",
+                    help="single/batch mode: optimise each request set's target values once for all settings")
     args = ap.parse_args()
+    if args.reuse_values:
+        if args.mode == "sequential":
+            raise SystemExit("--reuse-values needs --mode single or batch: a sequential turn's values depend on the "
+                             "edits before it")
+        import editpeft.mass_edit
+        editpeft.mass_edit.optimize_values = reusing_values(editpeft.mass_edit.optimize_values)
     settings = [{"layer": layer} for layer in args.layers] + json.loads(args.grid)
     if not settings:
         raise SystemExit("give --layers or --grid")
