@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1, help="sequential mode: edits per turn")
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--reuse-values", action="store_true",
-                    help="single/batch mode: optimise each request set's target values once for all settings")
+                    help="single/batch mode: MEMIT, AlphaEdit and EMMET optimise each request set's target values "
+                         "once for all settings")
     args = ap.parse_args()
     if args.reuse_values:
         if args.mode == "sequential":

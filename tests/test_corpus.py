@@ -40,7 +40,6 @@ def test_unknown_corpus_is_refused(tiny):
         next(token_chunks("wiki", model, tok, 8, 8))
 
 
-
 def test_sampled_statistics_corpus_is_the_base_models_text_sampled_once(tiny, tmp_path, monkeypatch):
     """Statistics are cached under the base weights' fingerprint, so a corpus the model samples itself must
     be the base model's text even while an edit is live; and it is sampled once for several modules."""
@@ -51,8 +50,13 @@ def test_sampled_statistics_corpus_is_the_base_models_text_sampled_once(tiny, tm
 
     model, tok = tiny
     calls = []
-    real = editpeft.corpus._generated_tokens
-    monkeypatch.setattr(editpeft.corpus, "_generated_tokens", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    sample = editpeft.corpus._generated_tokens
+
+    def counted_sample(*args, **kwargs):
+        calls.append(1)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(editpeft.corpus, "_generated_tokens", counted_sample)
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
     def statistics(cache):
